@@ -1,0 +1,25 @@
+"""Layers of cenet: the CE block and its parts (pure ``torch.nn``)."""
+
+from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.channel_equilibrium import CE_MODES, ChannelEquilibrium
+from cenet.layers.instance_reweighting import InstanceReweighting
+from cenet.layers.moments import (
+    batch_covariance,
+    group_moments,
+    instance_variance,
+    spatial_variance,
+)
+from cenet.layers.newton import newton_schulz_isqrt, trace_normalize
+
+__all__ = [
+    "CE_MODES",
+    "BatchDecorrelation",
+    "ChannelEquilibrium",
+    "InstanceReweighting",
+    "batch_covariance",
+    "group_moments",
+    "instance_variance",
+    "newton_schulz_isqrt",
+    "spatial_variance",
+    "trace_normalize",
+]

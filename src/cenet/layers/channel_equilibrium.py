@@ -1,0 +1,117 @@
+"""The Channel Equilibrium (CE) block (Shao et al., ICML 2020, Eqns 2-8, 32)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cenet.layers._validate import check_input
+from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.instance_reweighting import InstanceReweighting
+from cenet.layers.moments import instance_variance, spatial_variance
+
+CE_MODES = ("ce", "bd", "ir")
+
+
+class ChannelEquilibrium(nn.Module):
+    """CE block p = λ·BD(x̃) + (1 − λ)·IR(x̃), placed between a norm layer and the rectifier.
+
+    The relaxed decorrelation operator of Eqn 4: BD (:class:`BatchDecorrelation`, Eqns 5-6) and
+    IR (:class:`InstanceReweighting`, Eqns 7-8) mixed by λ = sigmoid(θ), θ a learnable scalar
+    starting at 0 (λ = 0.5). Modes (paper Table 4): ``"ce"`` (λ learnable), ``"bd"`` (λ ≡ 1,
+    no IR branch), ``"ir"`` (λ ≡ 0, no BD branch).
+
+    Both branches are linear maps of x̃ per sample, so in ``"ce"`` mode the block applies one
+    block-diagonal matrix per sample, A_n = λ·W + (1 − λ)·Diag(d_n) (W the group-wise BD
+    matrix, d_n the IR weights), in a single batched product; the statistics of both branches
+    come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
+    In eval, W is the running matrix, i.e. the grouped 1×1 convolution of
+    :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal.
+
+    Args:
+        num_features: C, channels of the (N, C, H, W) input.
+        mode: ``"ce"``, ``"bd"`` or ``"ir"``.
+        group_size: g of BD (paper: 16); must divide C.
+        num_iters: T, Newton iterations of BD (paper: 3).
+        eps: ε of both branches.
+        momentum: m of the running estimates (Eqn 32).
+        pool: BD statistics on 2×2 max pooling (paper appendix G, after the stem).
+        rd_ratio: 1/r of the IR gate (paper: r = 4).
+
+    Shape:
+        input (N, C, H, W), output (N, C, H, W).
+
+    Raises:
+        ValueError: in ``__init__`` for an unknown mode or invalid branch arguments; in
+            ``forward`` for a non-4D input, a wrong channel count or too few positions.
+        FloatingPointError: in training for a batch whose statistics are not finite, raised
+            before any running buffer is updated.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        mode: str = "ce",
+        group_size: int = 16,
+        num_iters: int = 3,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        pool: bool = False,
+        rd_ratio: float = 1 / 4,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if mode not in CE_MODES:
+            raise ValueError(f"unknown CE mode {mode!r}; valid modes are {CE_MODES}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.mode = mode
+        self.bd = self.ir = None
+        if mode in ("ce", "bd"):
+            self.bd = BatchDecorrelation(
+                num_features, group_size=group_size, num_iters=num_iters, eps=eps,
+                momentum=momentum, pool=pool, **factory,
+            )
+        if mode in ("ce", "ir"):
+            self.ir = InstanceReweighting(
+                num_features, rd_ratio=rd_ratio, eps=eps, momentum=momentum, **factory
+            )
+        if mode == "ce":
+            self.theta = nn.Parameter(torch.zeros(1, **factory))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, mode={self.mode!r}"
+
+    @property
+    def lam(self) -> Tensor:
+        """λ = sigmoid(θ) as a (1,) tensor (1 in ``"bd"`` mode, 0 in ``"ir"`` mode)."""
+        if self.mode == "ce":
+            return torch.sigmoid(self.theta)
+        return torch.full((1,), float(self.mode == "bd"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "bd":
+            return self.bd(x)
+        if self.mode == "ir":
+            return self.ir(x)
+        check_input(x, self.num_features, type(self).__name__)
+        if self.training:
+            mean, second = self.bd.statistics(x)
+            wm = self.bd.whitening_matrix(mean, second)
+            if self.bd.pool:
+                inst_var = spatial_variance(x)
+            else:
+                inst_var = instance_variance(mean, second)
+        else:
+            wm = self.bd.running_wm
+            inst_var = spatial_variance(x)
+        lam = torch.sigmoid(self.theta)
+        diag = ((1 - lam) * self.ir.channel_scale(inst_var)).to(x.dtype)
+        n, c, h, w = x.shape
+        groups, g = self.bd.num_groups, self.bd.group_size
+        # A_n = λ W + (1 − λ) Diag(d_n): (N, G, g, g) per-sample block-diagonal operator.
+        mats = torch.diag_embed(diag.view(n, groups, g)) + (lam * wm).to(x.dtype)
+        out = torch.bmm(mats.view(n * groups, g, g), x.reshape(n * groups, g, h * w))
+        return out.view(n, c, h, w)

@@ -1,0 +1,5 @@
+"""Networks with CE and their plain twins, and the registry."""
+
+from cenet.models.registry import create_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model"]

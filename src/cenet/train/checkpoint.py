@@ -1,0 +1,153 @@
+"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded weights-only.
+
+A checkpoint (``last.pt``, ``best.pt``) is a ``dict`` with the keys of :data:`REQUIRED_KEYS`:
+the model, optimizer and scheduler ``state_dict``s, the position in training (``epoch``:
+0-based epoch in progress; ``step``: batches of that epoch already done, 0 at an epoch
+boundary; ``global_step``: iterations done in total), ``best_top1``, the config as a dict, the
+torch RNG state, ``format_version`` and the running sums of the epoch in progress. It holds no
+code: :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+"""Version of the checkpoint layout; bumped when keys change meaning."""
+
+REQUIRED_KEYS = (
+    "format_version",
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "step",
+    "global_step",
+    "best_top1",
+    "config",
+    "rng_state",
+)
+
+_TMP_PREFIX = "."
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable cenet checkpoint (garbage, wrong layout or version)."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is either the old file or the new one.
+
+    Writes to a temporary file in the same directory, flushes and fsyncs it, then
+    ``os.replace``s it over ``path`` and fsyncs the directory. On any error the temporary file
+    is removed and ``path`` is left untouched.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files left in ``run_dir`` by an :func:`atomic_save` that was killed.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for p in Path(run_dir).glob(f"{_TMP_PREFIX}*.pt.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`atomic_save` with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the ``.pt`` file, or a run directory (its ``last.pt`` is read).
+        map_location: device the tensors are loaded to.
+
+    Raises:
+        FileNotFoundError: if there is no such file (or no ``last.pt`` in the directory).
+        CheckpointError: if the file is not a torch file, holds anything but plain data, is not
+            a dict with the checkpoint keys, or has another ``format_version``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "last.pt").is_file():
+            raise FileNotFoundError(f"no checkpoint last.pt in run directory {path}")
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} cannot be loaded with weights_only=True (it is not a cenet checkpoint, "
+            f"or holds objects other than tensors and plain data): {_first_line(err)}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
+            f"{_first_line(err)}"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a cenet checkpoint dict "
+            f"(keys {', '.join(REQUIRED_KEYS)})"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a cenet checkpoint: missing keys {missing}")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {ckpt['format_version']!r}; this cenet "
+            f"reads version {FORMAT_VERSION}"
+        )
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'config' and 'model' must be dicts")
+    return ckpt
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a directory so a rename in it is durable (a no-op where not supported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,406 @@
+"""The training configuration: :class:`TrainConfig`, loaded from YAML plus overrides.
+
+Precedence, lowest first: the dataclass defaults, the YAML file (``--config``), the
+``key=value`` overrides (``--set``), then the named command-line options. Every key is checked
+against the fields of :class:`TrainConfig`: an unknown key raises ``ValueError`` naming the close
+matches and listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
+"""Valid values of :attr:`TrainConfig.schedule`."""
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.yaml`` and in each checkpoint.
+
+    Epoch-valued settings (``step_size``, ``milestones``, ``warmup_epochs``) count from the start
+    of training, warm-up included, and are converted to iterations (the schedule is stepped once
+    per iteration). Accuracies are percentages.
+
+    Attributes:
+        model: a name from :func:`cenet.models.list_models`.
+        model_kwargs: keyword arguments of the model builder (e.g. ``{"width": 0.5}``).
+        num_classes: classifier size; ``None`` = the data set's number of classes.
+        dataset: data set name passed to :func:`cenet.data.build_loaders` (``"cifar10"``).
+        data: path of the data (archive, extracted folder or ImageFolder root); ``None`` = the
+            data module looks in its default places.
+        image_size: input side in pixels; ``None`` = the data set's own.
+        batch_size: training batch size (images per iteration).
+        eval_batch_size: test batch size; ``None`` = ``batch_size``.
+        epochs: number of passes over the training set.
+        lr: peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty of SGD.
+        no_wd_1d: exclude every parameter with ``ndim <= 1`` (norm / CE weights, biases,
+            scalars such as CE's ``theta``) from weight decay.
+        schedule: one of :data:`SCHEDULES`.
+        step_size: ``"step"``: decay by ``gamma`` every ``step_size`` epochs.
+        milestones: ``"multistep"``: epochs at which the LR is multiplied by ``gamma``.
+        gamma: decay factor of ``"step"`` and ``"multistep"``.
+        poly_power: exponent of ``"poly"`` (LR reaches 0 at the end of training).
+        min_lr: final LR of ``"cosine"``.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed); 0 = none.
+        warmup_start_factor: LR multiplier at the first warm-up iteration, in (0, 1].
+        label_smoothing: of :class:`torch.nn.CrossEntropyLoss`, in [0, 1).
+        seed: seed of the weights' initialisation, dropout and of the data order/augmentation.
+        threads: ``torch.set_num_threads``; ``None`` = ``os.cpu_count()``.
+        deterministic: call ``torch.use_deterministic_algorithms(True)``.
+        channels_last: run the model and inputs in ``torch.channels_last`` memory format.
+        train_subset: use only this many training images (``None`` = all).
+        label_noise: fraction of training labels replaced at random, in [0, 1].
+        num_workers: data loading worker processes.
+        download: let the data module download a missing data set.
+        eval_every: evaluate on the test set every this many epochs (and after the last one).
+        checkpoint_every_steps: also write ``last.pt`` every this many iterations; 0 = only at
+            the end of each epoch.
+        out: run directory; ``None`` = ``runs/<model>_s<seed>``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        log_interval: iterations between progress-bar updates.
+    """
+
+    model: str = "cifar_resnet20_ce"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    dataset: str = "cifar10"
+    data: str | None = None
+    image_size: int | None = None
+    batch_size: int = 256
+    eval_batch_size: int | None = None
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    no_wd_1d: bool = False
+    schedule: str = "cosine"
+    step_size: float = 30.0
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    deterministic: bool = False
+    channels_last: bool = False
+    train_subset: int | None = None
+    label_noise: float = 0.0
+    num_workers: int = 0
+    download: bool = True
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0
+    out: str | None = None
+    device: str = "cpu"
+    log_interval: int = 20
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _HINTS[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value.
+
+        Raises:
+            ValueError: naming the offending key, its value and what is valid.
+        """
+        _check(bool(self.model), "model", self.model, "a non-empty model name")
+        _check(bool(self.dataset), "dataset", self.dataset, "a non-empty data set name")
+        _positive_or_none(self, "num_classes", "image_size", "eval_batch_size", "train_subset")
+        _positive_or_none(self, "threads")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "an integer > 0")
+        _check(self.epochs > 0, "epochs", self.epochs, "an integer > 0")
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(
+            not self.nesterov or self.momentum > 0,
+            "nesterov",
+            self.nesterov,
+            "false when momentum is 0 (Nesterov needs momentum > 0)",
+        )
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.step_size > 0, "step_size", self.step_size, "a number of epochs > 0")
+        _check(
+            all(m > 0 for m in self.milestones) and self.milestones == sorted(self.milestones),
+            "milestones",
+            self.milestones,
+            "an increasing list of epochs > 0",
+        )
+        _check(0 < self.gamma <= 1, "gamma", self.gamma, "a number in (0, 1]")
+        _check(self.poly_power > 0, "poly_power", self.poly_power, "a number > 0")
+        _check(0 <= self.min_lr < self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr})")
+        _check(
+            0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            self.warmup_epochs,
+            f"a number of epochs in [0, epochs={self.epochs})",
+        )
+        _check(
+            0 < self.warmup_start_factor <= 1,
+            "warmup_start_factor",
+            self.warmup_start_factor,
+            "a number in (0, 1]",
+        )
+        _check(
+            0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)"
+        )
+        _check(0 <= self.label_noise <= 1, "label_noise", self.label_noise, "in [0, 1]")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "an integer >= 0 (0 = only at the end of each epoch)",
+        )
+        _check(
+            bool(_DEVICE_RE.match(self.device)), "device", self.device, "'cpu', 'cuda' or 'cuda:N'"
+        )
+        _check(self.log_interval >= 1, "log_interval", self.log_interval, "an integer >= 1")
+        _check(
+            all(isinstance(k, str) for k in self.model_kwargs),
+            "model_kwargs",
+            self.model_kwargs,
+            "a mapping of argument names to values",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (str, numbers, bools, None, lists, dicts) of all fields."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied.
+
+        Raises:
+            ValueError: for an unknown key or an invalid value.
+        """
+        return config_from_dict({**self.to_dict(), **changes})
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def config_keys() -> list[str]:
+    """Names of all fields of :class:`TrainConfig`, in declaration order."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def check_keys(keys: Iterable[str], *, source: str) -> None:
+    """Reject keys that are not fields of :class:`TrainConfig`.
+
+    Args:
+        keys: the keys to check.
+        source: where they come from, for the message (e.g. a file name or ``"--set"``).
+
+    Raises:
+        ValueError: naming each unknown key with its close matches, and listing the valid keys.
+    """
+    valid = config_keys()
+    unknown = [k for k in keys if k not in valid]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        parts.append(f"{key!r}{hint}")
+    raise ValueError(
+        f"unknown config key{'s' if len(unknown) > 1 else ''} in {source}: {', '.join(parts)}; "
+        f"valid keys: {', '.join(valid)}"
+    )
+
+
+def config_from_dict(values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from a mapping of (some of) its fields.
+
+    Raises:
+        ValueError: for an unknown key, a value of the wrong type or an invalid value.
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source} must be a mapping of keys to values, got {type(values)}")
+    check_keys(values, source=source)
+    return TrainConfig(**dict(values))
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in ``cenet/configs/`` (without ``.yaml``)."""
+    folder = resources.files("cenet") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """The YAML file meant by ``name_or_path``: an existing file, or a bundled config name.
+
+    Raises:
+        FileNotFoundError: when it is neither, listing the bundled names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    if path.name == name:  # a bare name: look among the bundled configs
+        bundled = resources.files("cenet") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+        if bundled.is_file():
+            return Path(str(bundled))
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor a bundled config; "
+        f"bundled configs: {', '.join(bundled_configs())}"
+    )
+
+
+def read_yaml_config(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The key/value mapping of a config file or bundled config (keys checked, not values).
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_config_path`.
+        ValueError: when the file is not a YAML mapping or has an unknown key.
+    """
+    path = resolve_config_path(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(values)}")
+    check_keys(values, source=str(path))
+    return values
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings (``--set``); values are read as YAML (``lr=0.1``,
+    ``milestones=[60,120]``, ``data=null``, ``model_kwargs={width: 0.5}``).
+
+    Raises:
+        ValueError: for an item without ``=``, an unknown key or a value that is not YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"value of override {item!r} is not valid YAML: {err}") from None
+    check_keys(out, source="--set")
+    return out
+
+
+def load_config(
+    name_or_path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults, then the YAML config (file path or bundled name), then ``overrides``.
+
+    Raises:
+        FileNotFoundError: for a config that is neither a file nor a bundled name.
+        ValueError: for unknown keys or invalid values.
+    """
+    values: dict[str, Any] = {}
+    source = "overrides"
+    if name_or_path is not None:
+        values.update(read_yaml_config(name_or_path))
+        source = f"{name_or_path} + overrides"
+    values.update(overrides or {})
+    return config_from_dict(values, source=source)
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML text, keys in declaration order."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {key}={value!r}: must be {valid}")
+
+
+def _positive_or_none(cfg: TrainConfig, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        _check(value is None or value > 0, key, value, "an integer > 0 or null")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` to the field type ``hint`` where lossless (YAML reads ``5e-4`` as a
+    string and ``1`` as an int); raise ValueError otherwise."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _coerce(key, value, inner)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ValueError(f"invalid {key}={value!r}: must be a list")
+        return [_coerce(key, v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"invalid {key}={value!r}: must be a mapping")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"invalid {key}={value!r}: must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"invalid {key}={value!r}: must be an integer")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"invalid {key}={value!r}: must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"invalid {key}={value!r}: must be a string")
+    return value

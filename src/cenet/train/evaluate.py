@@ -1,0 +1,157 @@
+"""Test-set evaluation: loss, top-1/top-5 accuracy and throughput; and of a saved checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cenet.train.checkpoint import CheckpointError, load_checkpoint
+from cenet.train.config import config_from_dict
+from cenet.train.metrics import percent, topk_correct
+from cenet.train.runtime import batch_to_device, build_data, build_model, setup_torch, to_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one pass over a test set.
+
+    Attributes:
+        loss: mean cross-entropy (no label smoothing) per image.
+        top1: top-1 accuracy in percent.
+        top5: top-5 accuracy in percent.
+        num_samples: images evaluated.
+        seconds: wall time of the pass.
+        images_per_s: ``num_samples / seconds``.
+    """
+
+    loss: float
+    top1: float
+    top5: float
+    num_samples: int
+    seconds: float
+    images_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` (switched to eval mode, restored afterwards) on ``loader``.
+
+    Args:
+        model: the network, already on ``device``.
+        loader: yields ``(images, labels)`` batches.
+        device: where batches are moved.
+        channels_last: feed images in channels-last memory format.
+
+    Raises:
+        ValueError: if the loader yields no sample.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = [0, 0]
+    seen = 0
+    start = time.perf_counter()
+    try:
+        for images, labels in loader:
+            images, labels = batch_to_device(images, labels, device, channels_last)
+            logits = model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            c1, c5 = topk_correct(logits, labels, (1, 5))
+            correct[0] += c1
+            correct[1] += c5
+            seen += labels.shape[0]
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        raise ValueError("the evaluation loader yielded no sample")
+    return EvalResult(
+        loss=float(loss_sum.item()) / seen,
+        top1=percent(correct[0], seen),
+        top5=percent(correct[1], seen),
+        num_samples=seen,
+        seconds=seconds,
+        images_per_s=seen / seconds if seconds > 0 else float("inf"),
+    )
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Rebuild the model from the config stored in a checkpoint, load its weights and evaluate
+    it on the test set of that config's data set.
+
+    Args:
+        path: a checkpoint file (``last.pt``, ``best.pt``) or a run directory.
+        data: data path overriding the stored one.
+        batch_size: test batch size overriding the stored ``eval_batch_size``.
+        device: device overriding the stored one.
+        threads: torch threads overriding the stored ones.
+
+    Returns:
+        The metrics, and the checkpoint's config (as a dict, with the overrides applied).
+
+    Raises:
+        FileNotFoundError: if the checkpoint does not exist.
+        CheckpointError: if it is not a cenet checkpoint or its weights do not fit the model.
+        ValueError: for invalid overrides.
+    """
+    ckpt = load_checkpoint(path)
+    changes: dict[str, Any] = {}
+    if data is not None:
+        changes["data"] = data
+    if batch_size is not None:
+        changes["eval_batch_size"] = batch_size
+    if device is not None:
+        changes["device"] = device
+    if threads is not None:
+        changes["threads"] = threads
+    try:
+        cfg = config_from_dict({**ckpt["config"], **changes}, source=f"{path} config")
+    except ValueError as err:
+        raise CheckpointError(f"{path}: stored config is not valid: {err}") from None
+    dev = setup_torch(cfg)
+    _, test_loader, info = build_data(cfg, train_subset=None, label_noise=0.0)
+    model = build_model(cfg, cfg.num_classes or info.num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model!r}: {err}") from None
+    model = to_device(model, dev, cfg.channels_last)
+    result = evaluate(model, test_loader, device=dev, channels_last=cfg.channels_last)
+    logger.info(
+        "eval %s: loss %.4f top-1 %.2f%% top-5 %.2f%% (%d images, %.0f img/s)",
+        path,
+        result.loss,
+        result.top1,
+        result.top5,
+        result.num_samples,
+        result.images_per_s,
+    )
+    return result, cfg.to_dict()

@@ -1,0 +1,56 @@
+"""SGD with momentum and the weight-decay / no-weight-decay parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cenet.train.config import TrainConfig
+
+
+def param_groups(
+    model: nn.Module, *, weight_decay: float, no_wd_1d: bool
+) -> list[dict[str, Any]]:
+    """Split the trainable parameters of ``model`` into optimizer groups.
+
+    Args:
+        model: the network; parameters with ``requires_grad=False`` are left out.
+        weight_decay: L2 coefficient of the decayed group.
+        no_wd_1d: if true, every parameter with ``ndim <= 1`` (norm and CE weights, biases,
+            scalars) goes to a second group with ``weight_decay=0``.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}]`` plus, with ``no_wd_1d``, a group
+        ``{"params": not_decayed, "weight_decay": 0.0}``; parameter order follows
+        ``model.named_parameters()``. Empty groups are dropped.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_wd_1d and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """``torch.optim.SGD`` over :func:`param_groups` with the LR and momentum of ``cfg``.
+
+    Raises:
+        ValueError: if the model has no trainable parameter.
+    """
+    groups = param_groups(model, weight_decay=cfg.weight_decay, no_wd_1d=cfg.no_wd_1d)
+    if not groups:
+        raise ValueError(f"model {cfg.model!r} has no trainable parameter")
+    return torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )

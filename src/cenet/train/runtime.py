@@ -1,0 +1,103 @@
+"""Run-time setup shared by training and evaluation: threads, seeding, device, model, data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cenet.data import build_loaders
+from cenet.models import create_model
+from cenet.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads``, or ``os.cpu_count()`` (at least 1) when ``None``."""
+    return threads if threads is not None else max(1, os.cpu_count() or 1)
+
+
+def setup_torch(cfg: TrainConfig) -> torch.device:
+    """Set the thread count and determinism of ``cfg`` and return its device.
+
+    Raises:
+        ValueError: if ``cfg.device`` asks for CUDA and no CUDA device is available.
+    """
+    torch.set_num_threads(resolve_threads(cfg.threads))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} but CUDA is not available; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_data(cfg: TrainConfig, **changes: Any) -> tuple[Any, Any, Any]:
+    """``cenet.data.build_loaders`` with the data settings of ``cfg`` (``changes`` override
+    single keyword arguments). Returns ``(train_loader, test_loader, info)``."""
+    kwargs: dict[str, Any] = dict(
+        dataset=cfg.dataset,
+        data=cfg.data,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        image_size=cfg.image_size,
+        train_subset=cfg.train_subset,
+        label_noise=cfg.label_noise,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        download=cfg.download,
+    )
+    kwargs.update(changes)
+    return build_loaders(**kwargs)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``cenet.models.create_model(cfg.model, num_classes=..., **cfg.model_kwargs)``.
+
+    Raises:
+        ValueError: for an unknown model name (with close matches) or arguments the builder
+            does not take.
+    """
+    try:
+        return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"model {cfg.model!r} rejected model_kwargs={cfg.model_kwargs!r}: {err}"
+        ) from None
+
+
+def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move ``model`` to ``device`` (and to channels-last memory format if asked)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batch_to_device(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device`` (images in channels-last format if asked)."""
+    non_blocking = device.type == "cuda"
+    images = images.to(device, non_blocking=non_blocking)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=non_blocking)
