@@ -2,6 +2,7 @@
 
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.channel_equilibrium import CE_MODES, ChannelEquilibrium
+from cenet.layers.create_attn import attn_names, create_attn, get_attn
 from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.moments import (
     batch_covariance,
@@ -16,6 +17,9 @@ __all__ = [
     "BatchDecorrelation",
     "ChannelEquilibrium",
     "InstanceReweighting",
+    "attn_names",
+    "create_attn",
+    "get_attn",
     "batch_covariance",
     "group_moments",
     "instance_variance",

@@ -52,16 +52,20 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
         ) from None
 
 
-def create_model(name: str, *, num_classes: int = 1000, **kwargs) -> nn.Module:
+def create_model(name: str, *, num_classes: int | None = None, **kwargs) -> nn.Module:
     """Build the registered network ``name``.
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"cifar_resnet20_ce"``.
-        num_classes: size of the classifier output.
+        num_classes: size of the classifier output (``None``: the builder's default, 10 for
+            the CIFAR networks, 1000 for the ImageNet ones).
         **kwargs: keyword arguments of that builder (``width``, ``norm_layer``, ...); the
             builder's own signature rejects any it does not take (``TypeError``).
 
     Raises:
         ValueError: for an unknown name (with close matches).
     """
-    return get_model_builder(name)(num_classes=num_classes, **kwargs)
+    builder = get_model_builder(name)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return builder(**kwargs)

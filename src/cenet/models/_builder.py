@@ -1,0 +1,42 @@
+"""Small helpers the network definitions share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from cenet.layers import get_attn
+
+
+def make_divisible(value: float, divisor: int = 16) -> int:
+    """Round a channel count to the nearest multiple of ``divisor`` (at least ``divisor``),
+    never going below 90% of ``value`` (torchvision's ``_make_divisible``)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+def norm_attn_act(
+    num_features: int,
+    *,
+    norm_layer: Callable[..., nn.Module],
+    act_layer: Callable[..., nn.Module] | None,
+    attn_layer: str | Callable[..., nn.Module] | None,
+    attn_kwargs: dict | None = None,
+    attn_before_norm: bool = False,
+) -> list[nn.Module]:
+    """The modules ``norm → attn → act`` (or ``attn → norm → act``) for ``num_features``.
+
+    ``attn_layer`` is resolved by :func:`cenet.layers.get_attn`; ``None`` leaves it out, as
+    ``act_layer=None`` leaves out the rectifier.
+    """
+    mods = [norm_layer(num_features)]
+    factory = get_attn(attn_layer)
+    if factory is not None:
+        attn = factory(num_features, **(attn_kwargs or {}))
+        mods.insert(0 if attn_before_norm else 1, attn)
+    if act_layer is not None:
+        mods.append(act_layer(inplace=True))
+    return mods
