@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.moments import instance_variance, spatial_variance
 
@@ -98,20 +99,12 @@ class ChannelEquilibrium(nn.Module):
             return self.ir(x)
         check_input(x, self.num_features, type(self).__name__)
         if self.training:
-            mean, second = self.bd.statistics(x)
-            wm = self.bd.whitening_matrix(mean, second)
-            if self.bd.pool:
-                inst_var = spatial_variance(x)
-            else:
-                inst_var = instance_variance(mean, second)
+            moments = self.bd.statistics(x)
+            wm = self.bd.whitening_matrix(moments)
+            inst_var = spatial_variance(x) if self.bd.pool else instance_variance(moments)
         else:
             wm = self.bd.running_wm
             inst_var = spatial_variance(x)
         lam = torch.sigmoid(self.theta)
-        diag = ((1 - lam) * self.ir.channel_scale(inst_var)).to(x.dtype)
-        n, c, h, w = x.shape
-        groups, g = self.bd.num_groups, self.bd.group_size
-        # A_n = λ W + (1 − λ) Diag(d_n): (N, G, g, g) per-sample block-diagonal operator.
-        mats = torch.diag_embed(diag.view(n, groups, g)) + (lam * wm).to(x.dtype)
-        out = torch.bmm(mats.view(n * groups, g, g), x.reshape(n * groups, g, h * w))
-        return out.view(n, c, h, w)
+        # A_n = λ W + (1 − λ) Diag(d_n): one block-diagonal operator per sample.
+        return apply_group_transform(x, lam * wm, (1 - lam) * self.ir.channel_scale(inst_var))

@@ -1,63 +1,148 @@
-"""Per-sample moments of grouped channels: the statistics step of the CE block.
+"""Moments of grouped channels: the statistics step of the CE block.
 
-The statistics are computed in a separate step (SPEC §1.1, steps 1-3) so that a distributed
-version can all-reduce the per-batch sums before the covariance is formed: everything a batch
-contributes is ``sum_n mean_n`` (N, C) and ``sum_n second_n`` (G, g, g) plus a sample count.
+The statistics are computed in a step of their own (SPEC §1.1, steps 1-3), separate from the
+whitening, so that a distributed version can all-reduce them before the covariance is formed:
+a batch contributes the per-sample means and mean squares (N, C) and the batch second moment
+(G, g, g) of each channel group. Both memory layouts are handled without copying the feature
+map: NCHW (``torch.contiguous_format``) and NHWC (``torch.channels_last``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-class _GroupMoments(torch.autograd.Function):
-    """Per-sample mean and uncentered second moment of (B, g, M) matrices, fused backward.
+class Moments(NamedTuple):
+    """Spatial moments of a (N, C, H, W) feature map for channel groups of size g.
+
+    Attributes:
+        mean: (N, C) mean of each channel of each sample over H×W.
+        sq_mean: (N, C) mean of the squares over H×W.
+        second: (G, g, g) uncentered second moment E[x xᵀ] of each group over N×H×W.
+    """
+
+    mean: Tensor
+    sq_mean: Tensor
+    second: Tensor
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True if ``x`` (N, C, H, W) is stored NHWC and not also NCHW-contiguous."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _MomentsNCHW(torch.autograd.Function):
+    """Per-sample mean and second moment of (B, g, M) matrices (B = N·G), fused backward.
 
     Forward: mean = X 1 / M (B, g), second = X Xᵀ / M (B, g, g).
-    Backward: dX = ((dS + dSᵀ) X + dmean 1ᵀ) / M as one batched product; autograd's generic
-    backward would take three full passes (two products for X Xᵀ, one broadcast for the
-    mean) and two additions. Only a view of the input is kept for backward.
+    Backward: dX = ((dS + dSᵀ) X + dmean 1ᵀ) / M as one batched product, where autograd's
+    generic backward would take three passes over the feature map and two additions. Only a
+    view of the input is kept for backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(x)
         m = x.shape[-1]
-        second = torch.bmm(x, x.transpose(1, 2)).div_(m)
-        return x.sum(-1).div_(m), second
+        return x.sum(-1).div_(m), torch.bmm(x, x.transpose(1, 2)).div_(m)
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor | None, grad_second: Tensor | None) -> Tensor:
+    def backward(ctx, grad_mean: Tensor, grad_second: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         b, g, m = x.shape
-        if grad_second is None:
-            grad_second = x.new_zeros(b, g, g)
-        if grad_mean is None:
-            grad_mean = x.new_zeros(b, g)
         sym = (grad_second + grad_second.transpose(1, 2)).div_(m)
         return torch.baddbmm(grad_mean.div(m).unsqueeze(-1).expand(b, g, m), sym, x)
 
 
-def group_moments(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """First and second moments of each sample over its spatial positions, per channel group.
+class _MomentsNHWC(torch.autograd.Function):
+    """Per-sample mean and mean square (N, C) and batch second moment (G, g, g) of an NHWC map.
+
+    The input is the (N, H·W, C) view of a channels-last tensor; each group's (N·H·W, g) slice
+    is a strided matrix that a batched GEMM reads in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(x)
+        ctx.group_size = group_size
+        n, m, c = x.shape
+        xg = x.reshape(n * m, c // group_size, group_size).transpose(0, 1)  # (G, NM, g)
+        second = torch.bmm(xg.transpose(1, 2), xg).div_(n * m)
+        mean = x.sum(1).div_(m)
+        sq_mean = torch.linalg.vector_norm(x, dim=1).square_().div_(m)
+        return mean, sq_mean, second
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_sq: Tensor, grad_second: Tensor):
+        (x,) = ctx.saved_tensors
+        n, m, c = x.shape
+        g = ctx.group_size
+        # d/dx of mean and sq_mean: dmean/M + 2 x dsq/M, per sample and channel.
+        grad = torch.addcmul(
+            grad_mean.div(m).unsqueeze(1), x, grad_sq.mul(2 / m).unsqueeze(1)
+        )
+        sym = (grad_second + grad_second.transpose(1, 2)).div_(n * m)  # (G, g, g)
+        xg = x.reshape(n * m, c // g, g).transpose(0, 1)  # (G, NM, g)
+        grad.view(n * m, c // g, g).transpose(0, 1).add_(torch.bmm(xg, sym))
+        return grad, None
+
+
+def group_moments(x: Tensor, group_size: int) -> Moments:
+    """Spatial moments of ``x`` for groups of ``group_size`` consecutive channels.
+
+    Computed in ``x``'s dtype promoted to at least float32 (also under autocast), in one pass
+    over the feature map for NCHW input (the mean squares are the diagonals of the per-sample
+    second moments) and two for NHWC input.
 
     Args:
-        x: (N, C, H, W) feature map, C divisible by ``group_size``.
-        group_size: g, channels per group; G = C / g groups of consecutive channels.
+        x: (N, C, H, W) feature map, NCHW or channels-last, C divisible by ``group_size``.
+        group_size: g, channels per group; G = C / g.
 
     Returns:
-        ``mean`` (N, C): spatial mean of each channel of each sample;
-        ``second`` (N, G, g, g): uncentered second moment (1/HW) Σ_ij x_ij x_ijᵀ of each group.
-        Both in ``x``'s dtype promoted to at least float32.
+        :class:`Moments` with ``mean`` (N, C), ``sq_mean`` (N, C), ``second`` (G, g, g).
     """
     n, c, h, w = x.shape
     groups = c // group_size
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        xf = x.to(dtype).reshape(n * groups, group_size, h * w)
-        mean, second = _GroupMoments.apply(xf)
-    return mean.view(n, c), second.view(n, groups, group_size, group_size)
+        xf = x.to(dtype)
+        if is_channels_last(xf):
+            return Moments(*_MomentsNHWC.apply(xf.permute(0, 2, 3, 1).reshape(n, h * w, c),
+                                               group_size))
+        mean, second = _MomentsNCHW.apply(xf.reshape(n * groups, group_size, h * w))
+        second = second.view(n, groups, group_size, group_size)
+        sq_mean = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
+        return Moments(mean.view(n, c), sq_mean, second.mean(0))
+
+
+def batch_covariance(moments: Moments, eps: float) -> Tensor:
+    """Group-wise batch covariance Σ + εI (CE paper, Eqn 5).
+
+    Σ = (1/M) Σ_nij (x_nij − μ)(x_nij − μ)ᵀ = E[x xᵀ] − μμᵀ, μ the batch mean, M = N·H·W.
+
+    Args:
+        moments: :class:`Moments` of the batch.
+        eps: ε added to the diagonal.
+
+    Returns:
+        (G, g, g) covariance matrices.
+    """
+    groups, g = moments.second.shape[0], moments.second.shape[1]
+    mu = moments.mean.mean(0).view(groups, g, 1)
+    cov = moments.second - mu @ mu.transpose(1, 2)
+    return cov + eps * torch.eye(g, dtype=cov.dtype, device=cov.device)
+
+
+def instance_variance(moments: Moments) -> Tensor:
+    """Population variance of each channel of each sample over H×W (CE paper, Eqn 7).
+
+    Returns:
+        (N, C) variances σ̃²_n = E[x²] − E[x]², clamped at 0 against round-off.
+    """
+    return (moments.sq_mean - moments.mean.square()).clamp_min(0)
 
 
 def spatial_variance(x: Tensor) -> Tensor:
@@ -73,40 +158,7 @@ def spatial_variance(x: Tensor) -> Tensor:
         (N, C) variances in ``x``'s dtype promoted to at least float32, clamped at 0.
     """
     n, c, h, w = x.shape
-    xf = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(n, c, h * w)
-    mean = xf.mean(-1)
-    sq = torch.linalg.vector_norm(xf, dim=-1).square().div(h * w)
-    return (sq - mean * mean).clamp_min(0)
-
-
-def batch_covariance(mean: Tensor, second: Tensor, eps: float) -> Tensor:
-    """Group-wise batch covariance Σ + εI from per-sample moments (CE paper, Eqn 5).
-
-    Σ = (1/M) Σ_nij (x_nij − μ)(x_nij − μ)ᵀ computed as E_n[second_n] − μμᵀ, with μ = E_n[mean_n].
-
-    Args:
-        mean: (N, C) per-sample means from :func:`group_moments`.
-        second: (N, G, g, g) per-sample second moments from :func:`group_moments`.
-        eps: ε added to the diagonal.
-
-    Returns:
-        (G, g, g) covariance matrices.
-    """
-    groups, g = second.shape[1], second.shape[2]
-    mu = mean.mean(0).view(groups, g, 1)
-    cov = second.mean(0) - mu @ mu.transpose(1, 2)
-    eye = torch.eye(g, dtype=cov.dtype, device=cov.device)
-    return cov + eps * eye
-
-
-def instance_variance(mean: Tensor, second: Tensor) -> Tensor:
-    """Population variance of each channel of each sample over H×W (CE paper, Eqn 7).
-
-    Args:
-        mean: (N, C) per-sample means; second: (N, G, g, g) per-sample second moments.
-
-    Returns:
-        (N, C) variances σ̃²_n (clamped at 0 against round-off).
-    """
-    sq = second.diagonal(dim1=-2, dim2=-1).reshape(mean.shape)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = xf.mean((2, 3))
+    sq = torch.linalg.vector_norm(xf, dim=(2, 3)).square().div(h * w)
     return (sq - mean * mean).clamp_min(0)

@@ -139,7 +139,9 @@ def _make_builder(depth: int, suffix: str, attn: str | None):
     block = {None: "plain BN", "ce": "CE before each addition",
              "bd": "BD only (λ ≡ 1) before each addition",
              "ir": "IR only (λ ≡ 0) before each addition"}[attn]
-    builder.__doc__ = f"ResNet-{depth} for CIFAR, {block}. Keyword arguments: see :class:`CifarResNet`."
+    builder.__doc__ = (
+        f"ResNet-{depth} for CIFAR, {block}. Keyword arguments: see :class:`CifarResNet`."
+    )
     return register_model(builder)
 
 

@@ -71,7 +71,9 @@ class CifarVGG(nn.Module):
         if not 0 <= attn_ratio <= 1:
             raise ValueError(f"attn_ratio must lie in [0, 1], got {attn_ratio!r}")
         if attn_position not in ATTN_POSITIONS:
-            raise ValueError(f"attn_position must be one of {ATTN_POSITIONS}, got {attn_position!r}")
+            raise ValueError(
+                f"attn_position must be one of {ATTN_POSITIONS}, got {attn_position!r}"
+            )
         if not width > 0:
             raise ValueError(f"width must be positive, got {width!r}")
         num_convs = sum(1 for v in cfg if v != "M")
