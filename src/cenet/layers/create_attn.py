@@ -8,11 +8,15 @@ from functools import partial
 from torch import nn
 
 from cenet.layers.channel_equilibrium import ChannelEquilibrium
+from cenet.layers.gct import GatedChannelTransformation
+from cenet.layers.squeeze_excite import SqueezeExcitation
 
 _ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "ce": partial(ChannelEquilibrium, mode="ce"),
     "bd": partial(ChannelEquilibrium, mode="bd"),
     "ir": partial(ChannelEquilibrium, mode="ir"),
+    "se": SqueezeExcitation,
+    "gct": GatedChannelTransformation,
 }
 
 

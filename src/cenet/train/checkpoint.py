@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,10 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX)
+    unique = f"{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{unique}{_TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -104,17 +106,21 @@ def load_checkpoint(
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (corrupt, truncated or another format)"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path} cannot be loaded with weights_only=True (it is not a cenet checkpoint, "
-            f"or holds objects other than tensors and plain data): {_first_line(err)}"
+            f"{path} is refused by weights_only=True loading: it holds objects other than "
+            f"tensors and plain data, so it is not a cenet checkpoint ({_unpickler_detail(err)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # the weights-only unpickler fails in many ways on garbage
         raise CheckpointError(
             f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
-            f"{_first_line(err)}"
+            f"{_unpickler_detail(err)}"
         ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(
@@ -134,9 +140,16 @@ def load_checkpoint(
     return ckpt
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _unpickler_detail(err: BaseException) -> str:
+    """The reason inside torch's long weights-only message (without its advice to load with
+    ``weights_only=False``), or the first line of other errors."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        text = text.split("Please use `torch.serialization", 1)[0]
+    text = " ".join(text.split())
+    return text or type(err).__name__
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -165,9 +165,7 @@ class TrainConfig:
             self.warmup_start_factor,
             "a number in (0, 1]",
         )
-        _check(
-            0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)"
-        )
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.label_noise <= 1, "label_noise", self.label_noise, "in [0, 1]")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")

@@ -115,7 +115,9 @@ def evaluate_checkpoint(
         threads: torch threads overriding the stored ones.
 
     Returns:
-        The metrics, and the checkpoint's config (as a dict, with the overrides applied).
+        The metrics, and facts about the checkpoint: ``{"config": dict (with the overrides
+        applied), "epoch": epochs completed, "global_step": iterations done, "step":
+        iterations into the epoch in progress (0 at an epoch boundary)}``.
 
     Raises:
         FileNotFoundError: if the checkpoint does not exist.
@@ -137,7 +139,7 @@ def evaluate_checkpoint(
     except ValueError as err:
         raise CheckpointError(f"{path}: stored config is not valid: {err}") from None
     dev = setup_torch(cfg)
-    _, test_loader, info = build_data(cfg, train_subset=None, label_noise=0.0)
+    _, test_loader, info = build_data(cfg)
     model = build_model(cfg, cfg.num_classes or info.num_classes)
     try:
         model.load_state_dict(ckpt["model"])
@@ -154,4 +156,10 @@ def evaluate_checkpoint(
         result.num_samples,
         result.images_per_s,
     )
-    return result, cfg.to_dict()
+    meta = {
+        "config": cfg.to_dict(),
+        "epoch": int(ckpt["epoch"]),
+        "global_step": int(ckpt["global_step"]),
+        "step": int(ckpt["step"]),
+    }
+    return result, meta

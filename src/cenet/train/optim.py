@@ -10,9 +10,7 @@ from torch import nn
 from cenet.train.config import TrainConfig
 
 
-def param_groups(
-    model: nn.Module, *, weight_decay: float, no_wd_1d: bool
-) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, *, weight_decay: float, no_wd_1d: bool) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``model`` into optimizer groups.
 
     Args:
