@@ -47,13 +47,14 @@ def hand_gct(mode, eps):
     out = []
     for sample in X:
         if mode == "l2":
-            s = [a * math.sqrt(sum(v * v for v in ch) + eps) for a, ch in zip(ALPHA, sample)]
+            norms = [math.sqrt(sum(v * v for v in ch) + eps) for ch in sample]
         else:
-            s = [a * sum(abs(v) for v in ch) for a, ch in zip(ALPHA, sample)]
+            norms = [sum(abs(v) for v in ch) for ch in sample]
+        s = [a * v for a, v in zip(ALPHA, norms, strict=True)]
         denom = math.sqrt(sum(v * v for v in s) + eps)
         s_hat = [math.sqrt(2) * v / denom for v in s]
-        gates = [1 + math.tanh(g * v + b) for g, v, b in zip(GAMMA, s_hat, BETA)]
-        out.append([[v * gate for v in ch] for gate, ch in zip(gates, sample)])
+        gates = [1 + math.tanh(g * v + b) for g, v, b in zip(GAMMA, s_hat, BETA, strict=True)]
+        out.append([[v * gate for v in ch] for gate, ch in zip(gates, sample, strict=True)])
     return torch.tensor(out, dtype=torch.float64)[:, :, None, :]  # (N, C, 1, 2)
 
 

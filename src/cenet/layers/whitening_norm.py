@@ -260,8 +260,8 @@ class DecorrelatedBatchNorm(_GroupWhiteningNorm):
         ValueError: in ``__init__`` for a group size that does not divide C, a non-positive
             ``eps``, or ``momentum`` outside (0, 1]; in ``forward`` for a non-4D input, a
             wrong channel count, or fewer than 2 positions in training.
-        FloatingPointError: in training for a batch whose covariance is not finite, raised
-            before any running buffer is updated.
+        FloatingPointError: in training for a batch whose covariance or whitening matrix is
+            not finite, raised before any running buffer is updated.
     """
 
     def __init__(
