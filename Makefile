@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Resumes runs/main from its last checkpoint when one exists (a killed run loses nothing);
+# a run directory without a checkpoint holds no trained work and is started afresh.
 train: $(STAMP)
-	$(BIN)/cenet train --config main $(ARGS)
+	@if [ -f runs/main/last.pt ]; then mode=--resume; else mode=--overwrite; fi; \
+	echo "$(BIN)/cenet train --config main $$mode $(ARGS)"; \
+	$(BIN)/cenet train --config main $$mode $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

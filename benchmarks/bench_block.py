@@ -1,7 +1,8 @@
 """Speed and memory of BN+ReLU against BN+CE+ReLU (and the other blocks) on this machine.
 
-Prints, per input shape (N, C, H, W): train forward+backward and eval forward time (ms), the
-ratio to BN+ReLU, and the activation memory saved for backward (MiB, distinct storages).
+Prints, per input shape (N, C, H, W): train forward+backward and eval forward time (ms, median
+of torch.utils.benchmark's blocked_autorange), the ratio to BN+ReLU, and the memory autograd
+saves for backward (MiB, distinct storages, the block's input included).
 
     python benchmarks/bench_block.py [--threads 2] [--min-run-time 1.0]
 """
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from cenet.layers import ChannelEquilibrium
+from cenet.train.allocator import keep_freed_memory
 
 SHAPES = [(64, 64, 32, 32), (64, 256, 8, 8), (32, 256, 56, 56), (32, 1024, 14, 14)]
 
@@ -23,7 +25,9 @@ def blocks(c: int) -> dict[str, nn.Module]:
     """The blocks to compare for C channels, BN+ReLU first."""
     out = {
         "BN+ReLU": nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)),
-        "BN+CE+ReLU": nn.Sequential(nn.BatchNorm2d(c), ChannelEquilibrium(c), nn.ReLU(inplace=True)),
+        "BN+CE+ReLU": nn.Sequential(
+            nn.BatchNorm2d(c), ChannelEquilibrium(c), nn.ReLU(inplace=True)
+        ),
     }
     try:
         from cenet.layers import SqueezeExcitation
@@ -36,12 +40,11 @@ def blocks(c: int) -> dict[str, nn.Module]:
 
 
 def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward."""
+    """Bytes of the distinct storages autograd saves for backward in one forward (the block's
+    input included, which BN saves)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if t.requires_grad and t is x:
-            return t
         st = t.untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
         return t
@@ -55,11 +58,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--fresh-memory", action="store_true",
+                        help="do not keep freed memory (every large tensor is page-faulted anew)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
-    header = f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'eval ms':>8} {'x':>5} {'saved MiB':>9} {'x':>5}"
-    print(header)
+    if not args.fresh_memory:
+        keep_freed_memory()
+    print(f"torch {torch.__version__}, {args.threads} threads, "
+          f"{'fresh' if args.fresh_memory else 'reused'} memory")
+    print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'eval ms':>8} {'x':>5} "
+          f"{'saved MiB':>9} {'x':>5}")
     for shape in SHAPES:
         x = torch.randn(*shape, requires_grad=True)
         base = None

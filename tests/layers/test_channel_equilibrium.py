@@ -224,3 +224,26 @@ def test_non_finite_batch_raises_before_running_buffers_change(mode):
         ce(x)
     for k, v in ce.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode", ["ce", "bd", "ir"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_identity_init_is_exact_identity_then_learns(mode, layout):
+    x = make_input(c=16)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ce = ChannelEquilibrium(16, mode=mode, identity_init=True)
+    assert "identity_init=True" in repr(ce)
+    torch.testing.assert_close(ce(x), x, rtol=0, atol=1e-6)
+    ce.eval()
+    torch.testing.assert_close(ce(x), x, rtol=0, atol=1e-6)
+    ce.train()
+    ce(x).square().sum().backward()
+    assert ce.gate.grad is not None and ce.gate.grad.abs().item() > 0
+    # with the gate fully open it is the plain block
+    plain = ChannelEquilibrium(16, mode=mode)
+    state = {k: v for k, v in ce.state_dict().items() if k != "gate"}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        ce.gate.fill_(1.0)
+    torch.testing.assert_close(ce(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -38,6 +38,10 @@ class ChannelEquilibrium(nn.Module):
         momentum: m of the running estimates (Eqn 32).
         pool: BD statistics on 2×2 max pooling (paper appendix G, after the stem).
         rd_ratio: 1/r of the IR gate (paper: r = 4).
+        identity_init: beyond the paper: add a learnable gate g, initialized to 0, and
+            return (1 − g)·x + g·CE(x), so a newly inserted block is an exact identity and a
+            pretrained network keeps its outputs until fine-tuning moves g (folded into the
+            same linear map: no extra pass over the feature map).
 
     Shape:
         input (N, C, H, W), output (N, C, H, W).
@@ -60,6 +64,7 @@ class ChannelEquilibrium(nn.Module):
         momentum: float = 0.1,
         pool: bool = False,
         rd_ratio: float = 1 / 4,
+        identity_init: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -81,9 +86,13 @@ class ChannelEquilibrium(nn.Module):
             )
         if mode == "ce":
             self.theta = nn.Parameter(torch.zeros(1, **factory))
+        self.identity_init = identity_init
+        if identity_init:
+            self.gate = nn.Parameter(torch.zeros(1, **factory))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mode={self.mode!r}"
+        extra = ", identity_init=True" if self.identity_init else ""
+        return f"{self.num_features}, mode={self.mode!r}{extra}"
 
     @property
     def lam(self) -> Tensor:
@@ -93,18 +102,44 @@ class ChannelEquilibrium(nn.Module):
         return torch.full((1,), float(self.mode == "bd"))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "bd":
-            return self.bd(x)
-        if self.mode == "ir":
-            return self.ir(x)
+        if not self.identity_init:
+            if self.mode == "bd":
+                return self.bd(x)
+            if self.mode == "ir":
+                return self.ir(x)
         check_input(x, self.num_features, type(self).__name__)
-        if self.training:
+        wm, diag = self._operator(x)
+        if self.identity_init:
+            # y = (1 − g)·x + g·CE(x): folded into the operator, W' = gW + (1 − g)I, d' = g·d.
+            g = self.gate
+            diag = None if diag is None else g * diag
+            if wm is None:
+                diag = diag + (1 - g)
+            else:
+                eye = torch.eye(wm.shape[-1], dtype=wm.dtype, device=wm.device)
+                wm = g * wm + (1 - g) * eye
+        if wm is None:
+            return x * diag.to(x.dtype)[:, :, None, None]
+        return apply_group_transform(x, wm, diag)
+
+    def _operator(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The block's linear map: shared group matrices (G, g, g) and per-sample diagonals
+        (N, C), A_n = λ·W + (1 − λ)·Diag(d_n); ``None`` for a branch that is not built.
+        In training this updates the running statistics."""
+        moments = None
+        if self.bd is None:
+            wm = None
+        elif self.training:
             moments = self.bd.statistics(x)
             wm = self.bd.whitening_matrix(moments)
-            inst_var = spatial_variance(x) if self.bd.pool else instance_variance(moments)
         else:
             wm = self.bd.running_wm
-            inst_var = spatial_variance(x)
-        lam = torch.sigmoid(self.theta)
-        # A_n = λ W + (1 − λ) Diag(d_n): one block-diagonal operator per sample.
-        return apply_group_transform(x, lam * wm, (1 - lam) * self.ir.channel_scale(inst_var))
+        diag = None
+        if self.ir is not None:
+            use_moments = moments is not None and not self.bd.pool
+            inst_var = instance_variance(moments) if use_moments else spatial_variance(x)
+            diag = self.ir.channel_scale(inst_var)
+        if self.mode == "ce":
+            lam = torch.sigmoid(self.theta)
+            wm, diag = lam * wm, (1 - lam) * diag
+        return wm, diag

@@ -66,6 +66,8 @@ class TrainConfig:
         seed: seed of the weights' initialisation, dropout and of the data order/augmentation.
         threads: ``torch.set_num_threads``; ``None`` = ``os.cpu_count()``.
         deterministic: call ``torch.use_deterministic_algorithms(True)``.
+        keep_freed_memory: keep freed activation memory in the process (glibc ``mallopt``,
+            see :mod:`cenet.train.allocator`); changes speed only, never results.
         channels_last: run the model and inputs in ``torch.channels_last`` memory format.
         train_subset: use only this many training images (``None`` = all).
         label_noise: fraction of training labels replaced at random, in [0, 1].
@@ -105,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     deterministic: bool = False
+    keep_freed_memory: bool = True
     channels_last: bool = False
     train_subset: int | None = None
     label_noise: float = 0.0

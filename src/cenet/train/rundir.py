@@ -20,6 +20,7 @@ RESUME_MUTABLE = frozenset(
         "threads",
         "device",
         "deterministic",
+        "keep_freed_memory",
         "log_interval",
         "num_workers",
         "download",

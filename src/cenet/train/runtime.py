@@ -13,6 +13,7 @@ from torch import nn
 
 from cenet.data import build_loaders
 from cenet.models import create_model
+from cenet.train.allocator import keep_freed_memory
 from cenet.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def setup_torch(cfg: TrainConfig) -> torch.device:
-    """Set the thread count and determinism of ``cfg`` and return its device.
+    """Set the thread count, determinism and allocator of ``cfg`` and return its device.
 
     Raises:
         ValueError: if ``cfg.device`` asks for CUDA and no CUDA device is available.
@@ -32,6 +33,8 @@ def setup_torch(cfg: TrainConfig) -> torch.device:
     torch.set_num_threads(resolve_threads(cfg.threads))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(cfg.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
