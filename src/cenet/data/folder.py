@@ -4,7 +4,6 @@ read with ``torchvision.datasets.ImageFolder`` and transforms.v2 through a norma
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .loader import EpochBatches
 from .locate import EVAL_SPLITS, TRAIN_SPLIT
 from .seeding import derive_seed, make_generator
 
@@ -144,7 +144,7 @@ class _EpochSampler(Sampler[tuple[int, int]]):
                 yield pos, self.epoch
 
 
-class FolderLoader:
+class FolderLoader(EpochBatches):
     """Batches of an image list through ``torch.utils.data.DataLoader``.
 
     Same contract as :class:`cenet.data.loader.TensorLoader`: order and random transforms
@@ -195,25 +195,6 @@ class FolderLoader:
         self.channels_last = channels_last
         self.epoch = 0
         self.start_batch = 0
-
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Select epoch ``epoch`` (>= 0) and the batch to start from (``0..len(self)``).
-
-        Raises:
-            ValueError: if ``epoch < 0`` or ``start_batch`` is out of range.
-        """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        """Number of batches per epoch."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.num_samples

@@ -34,7 +34,40 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None: ...
 
 
-class TensorLoader:
+class EpochBatches:
+    """Epoch selection and batch counting shared by the loaders: ``set_epoch`` and ``len``.
+
+    Subclasses set ``num_samples``, ``batch_size`` and ``drop_last``; ``epoch`` and
+    ``start_batch`` select what ``__iter__`` yields.
+    """
+
+    num_samples: int
+    batch_size: int
+    drop_last: bool
+    epoch: int = 0
+    start_batch: int = 0
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Select epoch ``epoch`` (>= 0) and the batch to start from (``0..len(self)``).
+
+        Raises:
+            ValueError: if ``epoch < 0`` or ``start_batch`` is out of range.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+class TensorLoader(EpochBatches):
     """Iterates normalized float32 batches from uint8 images held in memory.
 
     The order (``shuffle``) and the crop/flip draws (``augment``) of epoch ``e`` depend only on
@@ -104,25 +137,6 @@ class TensorLoader:
         self.channels_last = channels_last
         self.epoch = 0
         self.start_batch = 0
-
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Select epoch ``epoch`` (>= 0) and the batch to start from (``0..len(self)``).
-
-        Raises:
-            ValueError: if ``epoch < 0`` or ``start_batch`` is out of range.
-        """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        """Number of batches per epoch."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n, bs = self.num_samples, self.batch_size

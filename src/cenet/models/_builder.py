@@ -40,3 +40,10 @@ def norm_attn_act(
     if act_layer is not None:
         mods.append(act_layer(inplace=True))
     return mods
+
+
+def init_conv_weights(model: nn.Module) -> None:
+    """He (Kaiming) normal initialization, fan-out, of every ``nn.Conv2d`` in ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from cenet.layers import get_attn
-from cenet.models._builder import make_divisible, norm_attn_act
+from cenet.models._builder import init_conv_weights, make_divisible, norm_attn_act
 from cenet.models.registry import register_model
 
 
@@ -118,9 +118,7 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from cenet.models._builder import make_divisible, norm_attn_act
+from cenet.models._builder import init_conv_weights, make_divisible, norm_attn_act
 from cenet.models.registry import register_model
 
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -95,9 +95,7 @@ class CifarVGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
