@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cenet.layers import GCT_MODES, GatedChannelTransformation, gct_param_groups
+from cenet.layers import GCT_MODES, GatedChannelTransformation, gct_no_decay_parameters
 
 
 def make_input(n=3, c=8, h=5, w=4, seed=0, dtype=torch.float64):
@@ -142,29 +142,20 @@ def _ids(params):
     return [id(p) for p in params]
 
 
-def test_param_groups_exempt_exactly_the_gct_betas():
+def test_no_decay_parameters_are_exactly_the_gct_betas():
     net = _net()
-    groups = gct_param_groups(net, weight_decay=1e-4)
-    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
-    assert _ids(groups[1]["params"]) == _ids([net[0].beta, net[3].beta])
-    expected_decay = [net[0].alpha, net[0].gamma, net[1].weight, net[2].weight, net[2].bias,
-                      net[3].alpha, net[3].gamma, net[4].weight]
-    assert _ids(groups[0]["params"]) == _ids(expected_decay)
-    torch.optim.SGD(groups, lr=0.1)  # a valid optimizer specification
+    assert _ids(gct_no_decay_parameters(net)) == _ids([net[0].beta, net[3].beta])
 
 
-def test_param_groups_exempt_all_gct_parameters():
+def test_no_decay_parameters_all_gct_parameters():
     net = _net()
-    groups = gct_param_groups(net, weight_decay=5e-4, no_decay="all")
-    assert _ids(groups[1]["params"]) == _ids([*net[0].parameters(), *net[3].parameters()])
-    assert _ids(groups[0]["params"]) == _ids(
-        [net[1].weight, net[2].weight, net[2].bias, net[4].weight]
+    assert _ids(gct_no_decay_parameters(net, "all")) == _ids(
+        [*net[0].parameters(), *net[3].parameters()]
     )
 
 
-def test_param_groups_drop_empty_groups_and_reject_unknown_choice():
+def test_no_decay_parameters_empty_without_gct_and_reject_unknown_choice():
     plain = nn.Conv2d(3, 3, 1)
-    groups = gct_param_groups(plain, weight_decay=1e-4)
-    assert len(groups) == 1 and _ids(groups[0]["params"]) == _ids(plain.parameters())
+    assert gct_no_decay_parameters(plain) == []
     with pytest.raises(ValueError, match=r"valid values are \('beta', 'all'\)"):
-        gct_param_groups(plain, weight_decay=1e-4, no_decay="gamma")
+        gct_no_decay_parameters(plain, "gamma")

@@ -46,3 +46,20 @@ def test_build_optimizer_settings() -> None:
     assert isinstance(opt, torch.optim.SGD)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
     assert all(g["lr"] == 0.3 and g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
+
+
+def test_gct_betas_are_exempt_from_weight_decay_by_default() -> None:
+    from torch import nn
+
+    from cenet.layers import GatedChannelTransformation
+
+    model = nn.Sequential(GatedChannelTransformation(3), nn.Conv2d(3, 4, 3))
+    cfg = TrainConfig(model="cifar_resnet20", weight_decay=1e-4)
+    groups = build_optimizer(model, cfg).param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    assert [id(p) for p in groups[1]["params"]] == [id(model[0].beta)]
+    cfg_all = TrainConfig(model="cifar_resnet20", weight_decay=1e-4, gct_no_wd="all")
+    exempt = build_optimizer(model, cfg_all).param_groups[1]["params"]
+    assert {id(p) for p in exempt} == {id(p) for p in model[0].parameters()}
+    cfg_none = TrainConfig(model="cifar_resnet20", weight_decay=1e-4, gct_no_wd="none")
+    assert len(build_optimizer(model, cfg_none).param_groups) == 1

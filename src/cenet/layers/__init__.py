@@ -3,7 +3,7 @@
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.channel_equilibrium import CE_MODES, ChannelEquilibrium
 from cenet.layers.create_attn import attn_names, create_attn, get_attn
-from cenet.layers.gct import GCT_MODES, GatedChannelTransformation, gct_param_groups
+from cenet.layers.gct import GCT_MODES, GatedChannelTransformation, gct_no_decay_parameters
 from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.moments import (
     batch_covariance,
@@ -29,7 +29,7 @@ __all__ = [
     "create_attn",
     "get_attn",
     "batch_covariance",
-    "gct_param_groups",
+    "gct_no_decay_parameters",
     "group_moments",
     "instance_variance",
     "newton_schulz_isqrt",

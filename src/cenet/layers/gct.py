@@ -4,7 +4,6 @@ the GCT paper, Eqns 1-5; SPEC §3)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,43 +105,29 @@ class GatedChannelTransformation(nn.Module):
         return x * self.gate(x).to(x.dtype)[:, :, None, None]
 
 
-def gct_param_groups(
-    model: nn.Module, *, weight_decay: float, no_decay: str = "beta"
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups that exempt GCT's gating biases from weight decay.
+def gct_no_decay_parameters(model: nn.Module, which: str = "beta") -> list[nn.Parameter]:
+    """The parameters of the GCT modules in ``model`` to exempt from weight decay.
 
-    The GCT paper (appendix A) advises not to apply weight decay to β. Every trainable
-    parameter of ``model`` goes to the decayed group except those of the
-    :class:`GatedChannelTransformation` modules selected by ``no_decay``: ``"beta"`` (the
-    paper's advice) or ``"all"`` (α, γ and β), which go to a group with ``weight_decay=0``.
+    The GCT paper (appendix A) advises not to apply weight decay to β. ``cenet train`` puts
+    these parameters in a group with ``weight_decay=0`` (config key ``gct_no_wd``); with plain
+    PyTorch, pass them to the optimizer as a group of their own.
 
     Args:
-        model: the network; parameters with ``requires_grad=False`` are left out.
-        weight_decay: L2 coefficient of the decayed group.
-        no_decay: ``"beta"`` or ``"all"``.
+        model: any network; only :class:`GatedChannelTransformation` modules are looked at.
+        which: ``"beta"`` (the paper's advice) or ``"all"`` (α, γ and β).
 
     Returns:
-        ``[{"params": decayed, "weight_decay": weight_decay},
-        {"params": not_decayed, "weight_decay": 0.0}]``, parameter order following
-        ``model.named_parameters()`` (shared parameters once); empty groups are dropped.
+        The selected parameters, each once, in ``model.modules()`` order (empty for a model
+        without GCT).
 
     Raises:
-        ValueError: for an unknown ``no_decay`` (the message lists the valid ones).
+        ValueError: for an unknown ``which`` (the message lists the valid ones).
     """
-    if no_decay not in GCT_NO_DECAY:
-        raise ValueError(f"unknown no_decay {no_decay!r}; valid values are {GCT_NO_DECAY}")
-    exempt: set[int] = set()
+    if which not in GCT_NO_DECAY:
+        raise ValueError(f"unknown GCT no-decay choice {which!r}; valid values are {GCT_NO_DECAY}")
+    params: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, GatedChannelTransformation):
-            params = (module.beta,) if no_decay == "beta" else tuple(module.parameters())
-            exempt.update(id(p) for p in params)
-    decay: list[nn.Parameter] = []
-    no_wd: list[nn.Parameter] = []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_wd if id(p) in exempt else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_wd, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+            for p in (module.beta,) if which == "beta" else module.parameters():
+                params.setdefault(id(p), p)
+    return list(params.values())

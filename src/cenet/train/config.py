@@ -26,6 +26,9 @@ import yaml
 SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
 """Valid values of :attr:`TrainConfig.schedule`."""
 
+GCT_NO_WD = ("beta", "all", "none")
+"""Valid values of :attr:`TrainConfig.gct_no_wd`."""
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -54,6 +57,8 @@ class TrainConfig:
         weight_decay: L2 penalty of SGD.
         no_wd_1d: exclude every parameter with ``ndim <= 1`` (norm / CE weights, biases,
             scalars such as CE's ``theta``) from weight decay.
+        gct_no_wd: GCT parameters without weight decay: ``"beta"`` (the GCT paper's advice),
+            ``"all"`` (α, γ, β) or ``"none"``; no effect on networks without GCT.
         schedule: one of :data:`SCHEDULES`.
         step_size: ``"step"``: decay by ``gamma`` every ``step_size`` epochs.
         milestones: ``"multistep"``: epochs at which the LR is multiplied by ``gamma``.
@@ -95,6 +100,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     no_wd_1d: bool = False
+    gct_no_wd: str = "beta"
     schedule: str = "cosine"
     step_size: float = 30.0
     milestones: list[float] = field(default_factory=list)
@@ -146,6 +152,7 @@ class TrainConfig:
         )
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.gct_no_wd in GCT_NO_WD, "gct_no_wd", self.gct_no_wd, f"one of {GCT_NO_WD}")
         _check(self.step_size > 0, "step_size", self.step_size, "a number of epochs > 0")
         _check(
             all(m > 0 for m in self.milestones) and self.milestones == sorted(self.milestones),
