@@ -55,10 +55,10 @@ def test_bd_applies_newton_inverse_sqrt_of_trace_normalized_batch_covariance():
     flat = x.permute(1, 0, 2, 3).reshape(8, -1)
     out = bd(x).permute(1, 0, 2, 3).reshape(8, -1)
     for k in range(2):
-        cov = torch.cov(flat[4 * k:4 * k + 4], correction=0) + 1e-5 * torch.eye(4, dtype=x.dtype)
+        cov = torch.cov(flat[4 * k : 4 * k + 4], correction=0) + 1e-5 * torch.eye(4, dtype=x.dtype)
         w = newton_schulz_isqrt(cov / cov.trace(), 3)
         # applied to the un-centered input, not rescaled by tr(Σ)^(-1/2)
-        torch.testing.assert_close(out[4 * k:4 * k + 4], w @ flat[4 * k:4 * k + 4])
+        torch.testing.assert_close(out[4 * k : 4 * k + 4], w @ flat[4 * k : 4 * k + 4])
 
 
 def test_bd_pool_takes_statistics_from_2x2_max_pooling():
@@ -67,7 +67,9 @@ def test_bd_pool_takes_statistics_from_2x2_max_pooling():
     bd(x)
     cov = batch_covariance(group_moments(F.max_pool2d(x, 2, 2), 8), 1e-5)
     expected = newton_schulz_isqrt(trace_normalize(cov), 3)
-    torch.testing.assert_close(bd.running_wm, 0.9 * torch.eye(8) + 0.1 * expected[0].expand(8, 8).reshape(1, 8, 8))
+    torch.testing.assert_close(
+        bd.running_wm, 0.9 * torch.eye(8) + 0.1 * expected[0].expand(8, 8).reshape(1, 8, 8)
+    )
 
 
 def test_ir_matches_hand_computation():
@@ -153,8 +155,8 @@ def test_channels_last_gives_the_same_numbers_and_layout(mode):
     ya, yb = a(x), b(xc)
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
     assert yb.is_contiguous(memory_format=torch.channels_last)
-    ga, = torch.autograd.grad(a(x.requires_grad_()).square().sum(), x)
-    gb, = torch.autograd.grad(b(xc.requires_grad_()).square().sum(), xc)
+    (ga,) = torch.autograd.grad(a(x.requires_grad_()).square().sum(), x)
+    (gb,) = torch.autograd.grad(b(xc.requires_grad_()).square().sum(), xc)
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
     a.eval(), b.eval()
     torch.testing.assert_close(a(x), b(xc), rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ def test_group_moments_match_direct_sums(feature_map):
     torch.testing.assert_close(m.sq_mean, (x * x).mean((2, 3)))
     flat = x.permute(1, 0, 2, 3).reshape(12, -1)  # C × (N·H·W)
     for k in range(3):
-        block = flat[k * g:(k + 1) * g]
+        block = flat[k * g : (k + 1) * g]
         torch.testing.assert_close(m.second[k], block @ block.T / flat.shape[1])
 
 
@@ -31,7 +31,9 @@ def test_batch_covariance_matches_torch_cov_plus_eps(feature_map):
     cov = batch_covariance(group_moments(x, 4), eps=1e-3)
     flat = x.permute(1, 0, 2, 3).reshape(12, -1)
     for k in range(3):
-        expected = torch.cov(flat[4 * k:4 * k + 4], correction=0) + 1e-3 * torch.eye(4, dtype=x.dtype)
+        expected = torch.cov(flat[4 * k : 4 * k + 4], correction=0) + 1e-3 * torch.eye(
+            4, dtype=x.dtype
+        )
         torch.testing.assert_close(cov[k], expected)
 
 
@@ -47,6 +49,6 @@ def test_moments_gradients(feature_map):
 
     def f(x):
         m = group_moments(x, 4)
-        return m.mean.sin().sum() + m.sq_mean.cos().sum() + (m.second ** 2).sum()
+        return m.mean.sin().sum() + m.sq_mean.cos().sum() + (m.second**2).sum()
 
     assert torch.autograd.gradcheck(f, (x,))

@@ -21,7 +21,9 @@ def eigh_isqrt(mat):
 def test_trace_normalize_gives_unit_trace():
     sigma = random_spd(3, 5) * 7.0
     out = trace_normalize(sigma)
-    torch.testing.assert_close(out.diagonal(dim1=-2, dim2=-1).sum(-1), torch.ones(3, dtype=out.dtype))
+    torch.testing.assert_close(
+        out.diagonal(dim1=-2, dim2=-1).sum(-1), torch.ones(3, dtype=out.dtype)
+    )
     torch.testing.assert_close(out * sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None], sigma)
 
 
@@ -29,8 +31,12 @@ def test_converges_to_eigh_inverse_sqrt_in_float64():
     sigma_n = trace_normalize(random_spd(4, 8, cond=5.0))
     exact = eigh_isqrt(sigma_n)
     errors = [
-        (torch.linalg.matrix_norm(newton_schulz_isqrt(sigma_n, t) - exact) /
-         torch.linalg.matrix_norm(exact)).max().item()
+        (
+            torch.linalg.matrix_norm(newton_schulz_isqrt(sigma_n, t) - exact)
+            / torch.linalg.matrix_norm(exact)
+        )
+        .max()
+        .item()
         for t in (1, 3, 6, 10)
     ]
     assert errors == sorted(errors, reverse=True)
@@ -49,7 +55,9 @@ def test_first_step_matches_eqn6_by_hand():
 
 def test_whitened_covariance_approaches_identity_as_iterations_grow():
     gen = torch.Generator().manual_seed(1)
-    mix = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    mix = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(
+        6, 6, generator=gen, dtype=torch.float64
+    )
     x = mix @ torch.randn(6, 4000, generator=gen, dtype=torch.float64)
     sigma = torch.cov(x, correction=0)
     sigma_n = trace_normalize(sigma)

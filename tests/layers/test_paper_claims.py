@@ -15,7 +15,9 @@ def relu_moments(gamma, beta, z):
 def relu_mean_closed_form(gamma, beta):
     # E[max(0, γz + β)] = γ φ(β/γ) + β Φ(β/γ) for γ > 0 (appendix A, Eqn 9)
     t = beta / gamma
-    return gamma * math.exp(-t * t / 2) / math.sqrt(2 * math.pi) + beta * 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    return gamma * math.exp(-t * t / 2) / math.sqrt(2 * math.pi) + beta * 0.5 * (
+        1 + math.erf(t / math.sqrt(2))
+    )
 
 
 def test_remark1_inhibited_iff_beta_nonpositive_and_gamma_vanishing():

@@ -20,7 +20,9 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 6]))
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert not missing
     model.eval()
     with torch.no_grad():
@@ -52,8 +54,14 @@ def count(model, cls):
 
 def test_vgg16_ce_after_every_bn_and_fractions():
     assert count(cenet.create_model("cifar_vgg16_ce", width=0.25), ChannelEquilibrium) == 13
-    assert count(cenet.create_model("cifar_vgg16_ce", width=0.25, attn_ratio=0.75), ChannelEquilibrium) == 10
-    assert count(cenet.create_model("cifar_vgg16_ce", width=0.25, attn_ratio=0.5), ChannelEquilibrium) == 6
+    assert (
+        count(cenet.create_model("cifar_vgg16_ce", width=0.25, attn_ratio=0.75), ChannelEquilibrium)
+        == 10
+    )
+    assert (
+        count(cenet.create_model("cifar_vgg16_ce", width=0.25, attn_ratio=0.5), ChannelEquilibrium)
+        == 6
+    )
     assert count(cenet.create_model("cifar_vgg16", width=0.25), ChannelEquilibrium) == 0
 
 
@@ -66,8 +74,21 @@ def test_vgg_ce_position_after_norm_and_before_norm():
 
 def test_vgg16_paper_parameter_count():
     # 13 conv layers (no bias) + 13 BN + linear 512→10
-    convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-             (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    convs = [
+        (3, 64),
+        (64, 64),
+        (64, 128),
+        (128, 128),
+        (128, 256),
+        (256, 256),
+        (256, 256),
+        (256, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+    ]
     expected = sum(9 * a * b + 2 * b for a, b in convs) + 512 * 10 + 10
     assert sum(p.numel() for p in cenet.create_model("cifar_vgg16").parameters()) == expected
 
@@ -89,7 +110,9 @@ def test_resnet20_ce_sits_after_last_bn_before_addition():
 
 def test_resnet_norm_act_attn_injection():
     model = cenet.create_model(
-        "cifar_resnet20", norm_layer=lambda c: nn.GroupNorm(4, c), act_layer=nn.LeakyReLU,
+        "cifar_resnet20",
+        norm_layer=lambda c: nn.GroupNorm(4, c),
+        act_layer=nn.LeakyReLU,
         attn_layer="ir",
     )
     assert count(model, nn.BatchNorm2d) == 0 and count(model, nn.GroupNorm) > 0
