@@ -137,3 +137,43 @@ def test_resnet20_parameter_count_with_projection_shortcuts():
 def test_unknown_attn_layer_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown attn_layer 'cee'; valid names are \('bd', 'ce'"):
         cenet.create_model("cifar_resnet20", attn_layer="cee")
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20_ce", "cifar_vgg11_ce", "cifar_vgg16_bd"])
+def test_state_dict_round_trip_and_eval_determinism(name):
+    torch.manual_seed(0)
+    kwargs = {"width": 0.25} if "vgg" in name else {}
+    model = cenet.create_model(name, num_classes=5, **kwargs)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):  # move the running statistics away from their initial values
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(model(x), y)
+        copy = cenet.create_model(name, num_classes=5, **kwargs).eval()
+        copy.load_state_dict(model.state_dict())
+        torch.testing.assert_close(copy(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "norm_layer",
+    [
+        pytest.param(lambda c: nn.GroupNorm(4, c), id="GN"),
+        pytest.param(lambda c: nn.InstanceNorm2d(c, affine=True), id="IN"),
+        pytest.param(lambda c: nn.GroupNorm(1, c), id="LN"),
+    ],
+)
+@pytest.mark.parametrize("act_layer", [nn.ReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6])
+def test_ce_after_other_norms_and_before_other_rectifiers(norm_layer, act_layer):
+    # paper Fig. 1 and Table 7: CE after GN / IN / LN, before ELU / LeakyReLU
+    model = cenet.create_model(
+        "cifar_vgg11_ce", width=0.25, norm_layer=norm_layer, act_layer=act_layer
+    )
+    feats = list(model.features)
+    i = next(k for k, m in enumerate(feats) if isinstance(m, ChannelEquilibrium))
+    assert not isinstance(feats[i - 1], nn.BatchNorm2d)
+    assert isinstance(feats[i + 1], act_layer)
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
