@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import cenet
-from cenet.layers import ChannelEquilibrium
+from cenet.layers import ChannelEquilibrium, GatedChannelTransformation
 from cenet.models.cifar_resnet import BasicBlock
 
 
@@ -14,16 +14,21 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     kwargs = {"width": 0.25} if "vgg" in name else {}
     model = cenet.create_model(name, num_classes=7, **kwargs)
+    for m in model.modules():  # GCT starts as an identity, where α gets no gradient
+        if isinstance(m, GatedChannelTransformation):
+            nn.init.normal_(m.gamma)
+            nn.init.normal_(m.beta)
     x = torch.randn(4, 3, 32, 32)
     out = model(x)
     assert out.shape == (4, 7)
     loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 6]))
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [
-        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
-    ]
-    assert not missing
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    # every gradient is non-zero, except where a tiny SE bottleneck (C/16 = 1 unit at width
+    # 0.25) can start with its single ReLU unit dead
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert all(n.split(".")[-2] in ("fc1", "fc2") for n in zero) if "_se" in name else not zero
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
@@ -38,7 +43,7 @@ def test_registry_unknown_name_lists_close_matches():
 def test_each_network_has_its_plain_bn_twin():
     names = set(cenet.list_models("cifar_*"))
     for name in names:
-        for suffix in ("_ce", "_bd", "_ir"):
+        for suffix in ("_ce", "_bd", "_ir", "_se", "_gct"):
             if name.endswith(suffix):
                 assert name[: -len(suffix)] in names
 
@@ -177,3 +182,15 @@ def test_ce_after_other_norms_and_before_other_rectifiers(norm_layer, act_layer)
     out = model(torch.randn(4, 3, 32, 32))
     out.sum().backward()
     assert torch.isfinite(out).all()
+
+
+def test_vgg_se_and_gct_positions():
+    from cenet.layers import SqueezeExcitation
+
+    feats = list(cenet.create_model("cifar_vgg11_gct", width=0.25).features)
+    assert [type(m) for m in feats[:4]] == [
+        nn.Conv2d, nn.BatchNorm2d, nn.ReLU, GatedChannelTransformation
+    ]
+    assert count(cenet.create_model("cifar_vgg11_gct", width=0.25), GatedChannelTransformation) == 8
+    feats = list(cenet.create_model("cifar_vgg16_se", width=0.25).features)
+    assert [type(m) for m in feats[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, SqueezeExcitation]

@@ -25,20 +25,23 @@ def norm_attn_act(
     act_layer: Callable[..., nn.Module] | None,
     attn_layer: str | Callable[..., nn.Module] | None,
     attn_kwargs: dict | None = None,
-    attn_before_norm: bool = False,
+    attn_position: str = "after_norm",
 ) -> list[nn.Module]:
-    """The modules ``norm → attn → act`` (or ``attn → norm → act``) for ``num_features``.
+    """The modules ``norm → attn → act`` for ``num_features``, or with the block at
+    ``attn_position`` ``"before_norm"`` (attn → norm → act) or ``"after_act"``
+    (norm → act → attn, i.e. before the next convolution, where GCT goes).
 
     ``attn_layer`` is resolved by :func:`cenet.layers.get_attn`; ``None`` leaves it out, as
     ``act_layer=None`` leaves out the rectifier.
     """
     mods = [norm_layer(num_features)]
+    if act_layer is not None:
+        mods.append(act_layer(inplace=True))
     factory = get_attn(attn_layer)
     if factory is not None:
         attn = factory(num_features, **(attn_kwargs or {}))
-        mods.insert(0 if attn_before_norm else 1, attn)
-    if act_layer is not None:
-        mods.append(act_layer(inplace=True))
+        mods.insert({"before_norm": 0, "after_norm": 1, "after_act": len(mods)}[attn_position],
+                    attn)
     return mods
 
 

@@ -4,7 +4,8 @@ CE placement (CE paper, Sec. 5.3 and SPEC §2): ``conv → BN → CE → ReLU`` 
 (``attn_ratio=1``) or after the first ``round(attn_ratio · L)`` of the L BN layers (the
 paper's 75% / 50% ablation; the paper does not say which layers, we take the shallowest,
 where inhibited channels are measured); ``attn_position="before_norm"`` gives the paper's
-``conv → CE → BN → ReLU`` position ablation.
+``conv → CE → BN → ReLU`` position ablation; ``attn_position="after_act"`` puts the block
+before the next convolution, where GCT goes (``cifar_vgg11_gct``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ VGG_CFGS: dict[str, list[int | str]] = {
               512, 512, 512, "M"],
 }
 
-ATTN_POSITIONS = ("after_norm", "before_norm")
+ATTN_POSITIONS = ("after_norm", "before_norm", "after_act")
 
 #: registered variants: name suffix → block after the norm layers
-VARIANTS: dict[str, str | None] = {"": None, "_ce": "ce", "_bd": "bd", "_ir": "ir"}
+VARIANTS: dict[str, str | None] = {
+    "": None, "_ce": "ce", "_bd": "bd", "_ir": "ir", "_se": "se", "_gct": "gct"
+}
+#: default ``attn_position`` of a block: CE and its branches after the norm (the paper), SE on
+#: the block output (SENet), GCT after each rectifier, i.e. before the next convolution (GCT)
+DEFAULT_POSITION = {"se": "after_act", "gct": "after_act"}
 
 
 class CifarVGG(nn.Module):
@@ -42,7 +48,9 @@ class CifarVGG(nn.Module):
         attn_layer: block after the norm (``"ce"``, ``"bd"``, ``"ir"``, a callable, or None).
         attn_kwargs: keyword arguments of the block (e.g. ``{"group_size": 16}``).
         attn_ratio: fraction of the conv layers, shallowest first, that get the block.
-        attn_position: ``"after_norm"`` (conv-BN-CE-ReLU, the paper's) or ``"before_norm"``.
+        attn_position: ``"after_norm"`` (conv-BN-CE-ReLU, the paper's), ``"before_norm"``
+            (conv-CE-BN-ReLU, the paper's position ablation) or ``"after_act"``
+            (conv-BN-ReLU-block, i.e. before the next convolution, GCT's place).
         in_chans: input channels.
 
     Shape:
@@ -89,7 +97,7 @@ class CifarVGG(nn.Module):
             layers += norm_attn_act(
                 out, norm_layer=norm_layer, act_layer=act_layer,
                 attn_layer=attn_layer if index < num_attn else None, attn_kwargs=attn_kwargs,
-                attn_before_norm=attn_position == "before_norm",
+                attn_position=attn_position,
             )
             channels, index = out, index + 1
         self.features = nn.Sequential(*layers)
@@ -103,12 +111,20 @@ class CifarVGG(nn.Module):
 
 
 def _make_builder(cfg: str, suffix: str, attn: str | None):
-    def builder(*, num_classes: int = 10, attn_layer=attn, **kwargs) -> CifarVGG:
-        return CifarVGG(VGG_CFGS[cfg], num_classes=num_classes, attn_layer=attn_layer, **kwargs)
+    position = DEFAULT_POSITION.get(attn, "after_norm")
+
+    def builder(
+        *, num_classes: int = 10, attn_layer=attn, attn_position=position, **kwargs
+    ) -> CifarVGG:
+        return CifarVGG(
+            VGG_CFGS[cfg], num_classes=num_classes, attn_layer=attn_layer,
+            attn_position=attn_position, **kwargs,
+        )
 
     builder.__name__ = builder.__qualname__ = f"cifar_{cfg}{suffix}"
     block = {None: "plain BN", "ce": "CE after every BN", "bd": "BD only (λ ≡ 1) after every BN",
-             "ir": "IR only (λ ≡ 0) after every BN"}[attn]
+             "ir": "IR only (λ ≡ 0) after every BN", "se": "SE after every conv block",
+             "gct": "GCT after every conv block (before the next convolution)"}[attn]
     builder.__doc__ = (
         f"{cfg.upper()}-BN for CIFAR, {block}. Keyword arguments: see :class:`CifarVGG`."
     )
