@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cenet.cli import analyze as analyze_cmd
+from cenet.cli import compare as compare_cmd
 from cenet.cli import eval as eval_cmd
 from cenet.cli import listing
 from cenet.cli import train as train_cmd
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    analyze_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     listing.add_parsers(sub)
     return parser
 
