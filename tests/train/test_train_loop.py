@@ -161,3 +161,22 @@ def test_bad_model_fails_before_anything_is_written(tiny_cifar_dir: Path, tmp_pa
     with pytest.raises(ValueError, match="rejected model_kwargs"):
         train(tiny_cfg(tiny_cifar_dir, out, model_kwargs={"depth": 3}), progress=False)
     assert not out.exists()
+
+
+def test_record_channels_adds_channel_health_to_metrics(tiny_cifar_dir, tmp_path) -> None:
+    import json
+
+    from cenet.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="cifar_vgg11_ce", model_kwargs={"width": 0.25}, data=str(tiny_cifar_dir),
+        epochs=1, batch_size=16, lr=0.05, record_channels=1, out=str(tmp_path / "run"),
+        threads=1,
+    )
+    train(cfg, progress=False)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= record["inhibited_ratio"] <= 1.0
+    assert len(record["channel_correlation"]) == 8  # the 8 ReLUs of VGG-11
+    assert all(0.0 <= v <= 1.0 for v in record["channel_correlation"].values())
+    with pytest.raises(ValueError, match="record_channels"):
+        TrainConfig(model="cifar_vgg11", record_channels=-1)

@@ -35,6 +35,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--seed", "seed", int, "random seed (weights, dropout, data order and augmentation)"),
     ("--train-subset", "train_subset", int, "train on this many images only"),
     ("--label-noise", "label_noise", float, "fraction of training labels randomised"),
+    ("--record-channels", "record_channels", int,
+     "each epoch, record inhibited ratio and channel correlation on this many test batches"),
     ("--threads", "threads", int, "torch CPU threads (default: all cores)"),
     ("--device", "device", str, "cpu, cuda or cuda:N"),
     ("--out", "out", str, "run directory (default runs/<model>_s<seed>)"),

@@ -78,6 +78,9 @@ class TrainConfig:
         label_noise: fraction of training labels replaced at random, in [0, 1].
         num_workers: data loading worker processes.
         download: let the data module download a missing data set.
+        record_channels: if > 0, after every evaluated epoch measure the inhibited-channel
+            ratio and the channel correlation of the rectified outputs on this many test
+            batches and add them to ``metrics.jsonl`` (CE paper Figs. 4d, 5).
         eval_every: evaluate on the test set every this many epochs (and after the last one).
         checkpoint_every_steps: also write ``last.pt`` every this many iterations; 0 = only at
             the end of each epoch.
@@ -120,6 +123,7 @@ class TrainConfig:
     num_workers: int = 0
     download: bool = True
     eval_every: int = 1
+    record_channels: int = 0
     checkpoint_every_steps: int = 0
     out: str | None = None
     device: str = "cpu"
@@ -179,6 +183,10 @@ class TrainConfig:
         _check(0 <= self.label_noise <= 1, "label_noise", self.label_noise, "in [0, 1]")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        _check(
+            self.record_channels >= 0, "record_channels", self.record_channels,
+            "an integer >= 0 (test batches; 0 = off)",
+        )
         _check(
             self.checkpoint_every_steps >= 0,
             "checkpoint_every_steps",

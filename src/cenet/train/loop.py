@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cenet.train.channel_record import channel_health
 from cenet.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -360,6 +361,10 @@ class _Run:
             s.best_top1, s.best_epoch = result.top1, epoch
         s.epoch, s.step = epoch, 0
         record = self._record(epoch, result, eval_s)
+        if result is not None and cfg.record_channels > 0:
+            record.update(channel_health(
+                self.model, self.test_loader, max_batches=cfg.record_channels, device=self.device
+            ))
         self.log.append(record)
         ckpt = self._checkpoint()
         if is_best:

@@ -21,6 +21,7 @@ RESUME_MUTABLE = frozenset(
         "device",
         "deterministic",
         "keep_freed_memory",
+        "record_channels",
         "log_interval",
         "num_workers",
         "download",
