@@ -37,9 +37,7 @@ from cenet.analysis import (
 from cenet.analysis._common import iter_images, to_jsonable
 from cenet.layers import ChannelEquilibrium, GatedChannelTransformation
 from cenet.report import plots
-from cenet.train.checkpoint import CheckpointError, load_checkpoint
-from cenet.train.config import config_from_dict
-from cenet.train.runtime import build_data, build_model, setup_torch, to_device
+from cenet.train.evaluate import load_for_eval
 
 FIRST_N = 6
 """The inhibited ratio is averaged over the first six rectified outputs (paper appendix G)."""
@@ -109,24 +107,10 @@ def load_for_analysis(
         CheckpointError: for an unreadable checkpoint, an invalid stored config, or weights
             that do not fit the model.
     """
-    ckpt = load_checkpoint(checkpoint)
-    changes = {
-        k: v for k, v in (("data", data), ("threads", threads), ("device", device)) if v is not None
-    }
-    try:
-        cfg = config_from_dict({**ckpt["config"], **changes}, source=f"{checkpoint} config")
-    except ValueError as err:
-        raise CheckpointError(f"{checkpoint}: stored config is not valid: {err}") from None
-    dev = setup_torch(cfg)
-    _, test_loader, info = build_data(cfg)
-    model = build_model(cfg, cfg.num_classes or info.num_classes)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit model {cfg.model!r}: {err}"
-        ) from None
-    model = to_device(model, dev, False)
+    model, test_loader, cfg, ckpt, _ = load_for_eval(
+        checkpoint, data=data, threads=threads, device=device
+    )
+    model = model.to(memory_format=torch.contiguous_format)
     meta = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
     return model, test_loader, cfg.to_dict(), meta
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cenet.train.checkpoint import CheckpointError, load_checkpoint
-from cenet.train.config import config_from_dict
+from cenet.train.config import TrainConfig, config_from_dict
 from cenet.train.metrics import percent, topk_correct
 from cenet.train.runtime import batch_to_device, build_data, build_model, setup_torch, to_device
 
@@ -96,6 +96,42 @@ def evaluate(
     )
 
 
+def load_for_eval(
+    path: str | os.PathLike[str], **changes: Any
+) -> tuple[nn.Module, Any, TrainConfig, dict[str, Any], torch.device]:
+    """Rebuild the model of a checkpoint from its stored config, load its weights, and build
+    the test loader of that config's data set.
+
+    Args:
+        path: a checkpoint file.
+        **changes: config values overriding the stored ones (``data``, ``eval_batch_size``,
+            ``device``, ``threads``); ``None`` values are ignored.
+
+    Returns:
+        ``(model on its device in the config's memory format, test_loader, config, the
+        checkpoint dict, device)``.
+
+    Raises:
+        FileNotFoundError: if the checkpoint does not exist.
+        CheckpointError: if it is not a cenet checkpoint, its stored config is not valid, or
+            its weights do not fit the model.
+    """
+    ckpt = load_checkpoint(path)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    try:
+        cfg = config_from_dict({**ckpt["config"], **changes}, source=f"{path} config")
+    except ValueError as err:
+        raise CheckpointError(f"{path}: stored config is not valid: {err}") from None
+    dev = setup_torch(cfg)
+    _, test_loader, info = build_data(cfg)
+    model = build_model(cfg, cfg.num_classes or info.num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model!r}: {err}") from None
+    return to_device(model, dev, cfg.channels_last), test_loader, cfg, ckpt, dev
+
+
 def evaluate_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -124,28 +160,8 @@ def evaluate_checkpoint(
         CheckpointError: if it is not a cenet checkpoint or its weights do not fit the model.
         ValueError: for invalid overrides.
     """
-    ckpt = load_checkpoint(path)
-    changes: dict[str, Any] = {}
-    if data is not None:
-        changes["data"] = data
-    if batch_size is not None:
-        changes["eval_batch_size"] = batch_size
-    if device is not None:
-        changes["device"] = device
-    if threads is not None:
-        changes["threads"] = threads
-    try:
-        cfg = config_from_dict({**ckpt["config"], **changes}, source=f"{path} config")
-    except ValueError as err:
-        raise CheckpointError(f"{path}: stored config is not valid: {err}") from None
-    dev = setup_torch(cfg)
-    _, test_loader, info = build_data(cfg)
-    model = build_model(cfg, cfg.num_classes or info.num_classes)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit model {cfg.model!r}: {err}") from None
-    model = to_device(model, dev, cfg.channels_last)
+    changes = {"data": data, "eval_batch_size": batch_size, "device": device, "threads": threads}
+    model, test_loader, cfg, ckpt, dev = load_for_eval(path, **changes)
     result = evaluate(model, test_loader, device=dev, channels_last=cfg.channels_last)
     logger.info(
         "eval %s: loss %.4f top-1 %.2f%% top-5 %.2f%% (%d images, %.0f img/s)",
