@@ -8,7 +8,7 @@ from torch import nn
 
 import cenet
 from cenet.layers import ChannelEquilibrium, SqueezeExcitation
-from cenet.models.mobilenetv2 import largest_divisor
+from cenet.models._mobile_blocks import largest_divisor
 
 # torchvision's documented parameter counts (``Weights.meta["num_params"]``)
 TORCHVISION_PARAMS = {

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from torch import nn
 from torchvision.models import shufflenetv2 as tv_shufflenetv2
 
-from cenet.models.mobilenetv2 import (
+from cenet.models._mobile_blocks import (
     MOBILE_SE,
     channel_block_factory,
     check_attn_position,
