@@ -23,10 +23,23 @@ def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.tight_layout()
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
+
+
+def _many_lines(ax: plt.Axes) -> None:
+    """20 distinct colours (tab20), so that up to 20 overlaid runs stay apart."""
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+
+
+def _legend(ax: plt.Axes, n: int) -> None:
+    """A legend inside the axes for a few lines, beside them for many."""
+    if n > 6:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif n:
+        ax.legend(fontsize=8)
 
 
 def _short(key: str, width: int = 18) -> str:
@@ -73,6 +86,7 @@ def ablation_plot(
     :meth:`cenet.analysis.AblationCurve.to_dict`), with a ±1 std band (Morcos et al. 2018;
     CE paper Fig. 1c, 7)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    _many_lines(ax)
     for label, c in curves.items():
         r = list(c["ratios"])
         mean = [100 * (v or 0.0) for v in c["mean"]]
@@ -89,8 +103,7 @@ def ablation_plot(
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    if curves:
-        ax.legend(fontsize=8)
+    _legend(ax, len(curves))
     return _save(fig, path)
 
 
@@ -124,14 +137,14 @@ def per_layer_lines(
     ``percent``. Used for the channel correlation per layer (CE paper Fig. 5) and the
     overlaid inhibited ratios of several runs."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    _many_lines(ax)
     for label, values in series.items():
         ys = [float("nan") if v is None else (100 * v if percent else v) for v in values]
         ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if series:
-        ax.legend(fontsize=8)
+    _legend(ax, len(series))
     return _save(fig, path)
 
 
@@ -143,11 +156,11 @@ def top1_vs_epoch(
 ) -> Path:
     """Test top-1 (percent, as in ``metrics.jsonl``) against the epoch, one line per run."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    _many_lines(ax)
     for label, (epochs, top1) in series.items():
         ax.plot(list(epochs), list(top1), marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
-    if series:
-        ax.legend(fontsize=8)
+    _legend(ax, len(series))
     return _save(fig, path)
