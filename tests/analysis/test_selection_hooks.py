@@ -27,6 +27,22 @@ def test_select_by_glob_type_sequence_predicate():
     assert list(select_modules(net, lambda n, m: n == "5")) == ["5"]
 
 
+def test_default_skips_rectifiers_inside_channel_gates():
+    from torchvision.ops import SqueezeExcitation as TorchvisionSE
+
+    from cenet.layers import ChannelEquilibrium, SqueezeExcitation
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), ChannelEquilibrium(16), nn.ReLU(),
+        SqueezeExcitation(16), TorchvisionSE(16, 4), nn.ReLU6(),
+    )
+    assert any(isinstance(m, nn.ReLU) for m in net[4].modules())  # SE's hidden ReLU exists
+    assert list(select_modules(net)) == ["3", "6"]
+    assert "4.act" in select_modules(net, nn.ReLU)  # asked for explicitly, it is selected
+    with pytest.raises(ValueError, match="the default .rectifiers outside channel gates"):
+        select_modules(nn.Sequential(SqueezeExcitation(16)))
+
+
 def test_empty_selection_names_pattern_and_available_modules():
     with pytest.raises(ValueError, match=r"'layer9\*' matches no module.*'0', '1'"):
         select_modules(_net(), "layer9*")

@@ -34,13 +34,19 @@ from cenet.analysis.norm_params import (
     NormParameterConditions,
     norm_parameter_conditions,
 )
-from cenet.analysis.selection import RECTIFIERS, LayerSpec, select_modules
+from cenet.analysis.selection import (
+    RECTIFIERS,
+    LayerSpec,
+    feature_rectifiers,
+    select_modules,
+)
 
 __all__ = [
     "ABLATION_ORDERS",
     "DEFAULT_RATIOS",
     "NORM_TYPES",
     "RECTIFIERS",
+    "feature_rectifiers",
     "AblationCurve",
     "CorrelationRecorder",
     "GCTParameters",
