@@ -6,7 +6,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cenet import kernels
 from cenet.layers.moments import is_channels_last
+
+
+class _GroupApply(torch.autograd.Function):
+    """Y_b = (W_{b mod G} + Diag(d_b)) X_b for the B = N·G channel groups X (B, g, M).
+
+    Backward: dX_b = (W_{b mod G}ᵀ + Diag(d_b)) dY_b, and dW, dd from Σ_n dY_b X_bᵀ and its
+    per-sample diagonals: two passes of the compiled kernels (:mod:`cenet.kernels`); the
+    per-sample matrices W + Diag(d_b) are never formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, wm: Tensor, diag: Tensor | None, shape: tuple[int, ...]):
+        ctx.save_for_backward(x, wm, diag)
+        # Allocated in the output shape: a view would make an in-place ReLU on the output
+        # rebase the graph through AsStridedBackward (a zero-filled copy of the feature map).
+        return kernels.group_apply(wm, x, diag, shape=shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, wm, diag = ctx.saved_tensors
+        grad = grad.reshape(x.shape)
+        grad_x = grad_wm = grad_diag = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.group_apply(wm, grad, diag, transpose=True)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_wm, grad_diag = kernels.group_gram(
+                grad, x, wm.shape[0], with_diag=ctx.needs_input_grad[2]
+            )
+        return grad_x, grad_wm, grad_diag, None
 
 
 def group_conv_weight(wm: Tensor) -> Tensor:
@@ -20,7 +50,7 @@ def apply_group_transform(x: Tensor, wm: Tensor, diag: Tensor | None = None) -> 
 
     W is block-diagonal with G blocks (G, g, g) shared by the batch; ``diag`` holds one
     diagonal per sample (N, C) (the IR branch, CE paper Eqn 8), or is ``None``. For NCHW input
-    this is one batched product with the per-sample matrices W + Diag(d_n); for channels-last
+    this is one pass of the compiled group kernel (:mod:`cenet.kernels`); for channels-last
     input a grouped 1×1 convolution (fast in NHWC) and one fused multiply-add. The output has
     the input's memory layout.
 
@@ -40,8 +70,6 @@ def apply_group_transform(x: Tensor, wm: Tensor, diag: Tensor | None = None) -> 
         if diag is not None:
             out = torch.addcmul(out, x, diag.to(x.dtype)[:, :, None, None])
         return out
-    if diag is None:
-        return torch.matmul(wm, x.reshape(n, groups, g, h * w)).view(n, c, h, w)
-    mats = torch.diag_embed(diag.to(x.dtype).view(n, groups, g)) + wm
-    out = torch.bmm(mats.view(n * groups, g, g), x.reshape(n * groups, g, h * w))
-    return out.view(n, c, h, w)
+    if diag is not None:
+        diag = diag.to(x.dtype).reshape(n * groups, g)
+    return _GroupApply.apply(x.reshape(n * groups, g, h * w), wm, diag, (n, c, h, w))

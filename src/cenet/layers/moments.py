@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from cenet import kernels
+
 
 class Moments(NamedTuple):
     """Spatial moments of a (N, C, H, W) feature map for channel groups of size g.
@@ -35,26 +37,29 @@ def is_channels_last(x: Tensor) -> bool:
 
 
 class _MomentsNCHW(torch.autograd.Function):
-    """Per-sample mean and second moment of (B, g, M) matrices (B = N·G), fused backward.
+    """Moments of an NCHW map viewed as (B, g, M) feature rows, B = N·G groups, M = H·W.
 
-    Forward: mean = X 1 / M (B, g), second = X Xᵀ / M (B, g, g).
-    Backward: dX = ((dS + dSᵀ) X + dmean 1ᵀ) / M as one batched product, where autograd's
-    generic backward would take three passes over the feature map and two additions. Only a
-    view of the input is kept for backward.
+    Forward: per-row mean and mean square (B, g), and the batch second moment of each group
+    Σ_n X Xᵀ / (N·M) (G, g, g), from two passes of the compiled kernels (:mod:`cenet.kernels`).
+    Backward: dX_b = (S_{b mod G} + Diag(2·dsq_b / M)) X_b + dmean_b / M with
+    S = (dΣ + dΣᵀ) / (N·M), one pass over the feature map. Only the input is kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(x)
-        m = x.shape[-1]
-        return x.sum(-1).div_(m), torch.bmm(x, x.transpose(1, 2)).div_(m)
+        ctx.groups = groups
+        b, g, m = x.shape
+        total, sq = kernels.row_moments(x.reshape(b * g, m))
+        second, _ = kernels.group_gram(x, x, groups, symmetric=True)
+        return total.view(b, g).div_(m), sq.view(b, g).div_(m), second.div_(b // groups * m)
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor, grad_second: Tensor) -> Tensor:
+    def backward(ctx, grad_mean: Tensor, grad_sq: Tensor, grad_second: Tensor):
         (x,) = ctx.saved_tensors
         b, g, m = x.shape
-        sym = (grad_second + grad_second.transpose(1, 2)).div_(m)
-        return torch.baddbmm(grad_mean.div(m).unsqueeze(-1).expand(b, g, m), sym, x)
+        sym = (grad_second + grad_second.transpose(1, 2)).div_(b // ctx.groups * m)
+        return kernels.group_apply(sym, x, grad_sq.mul(2 / m), grad_mean.div(m)), None
 
 
 class _MomentsNHWC(torch.autograd.Function):
@@ -93,9 +98,8 @@ class _MomentsNHWC(torch.autograd.Function):
 def group_moments(x: Tensor, group_size: int) -> Moments:
     """Spatial moments of ``x`` for groups of ``group_size`` consecutive channels.
 
-    Computed in ``x``'s dtype promoted to at least float32 (also under autocast), in one pass
-    over the feature map for NCHW input (the mean squares are the diagonals of the per-sample
-    second moments) and two for NHWC input.
+    Computed in ``x``'s dtype promoted to at least float32 (also under autocast), in two
+    passes over the feature map (row sums, then the group second moments).
 
     Args:
         x: (N, C, H, W) feature map, NCHW or channels-last, C divisible by ``group_size``.
@@ -112,10 +116,10 @@ def group_moments(x: Tensor, group_size: int) -> Moments:
         if is_channels_last(xf):
             return Moments(*_MomentsNHWC.apply(xf.permute(0, 2, 3, 1).reshape(n, h * w, c),
                                                group_size))
-        mean, second = _MomentsNCHW.apply(xf.reshape(n * groups, group_size, h * w))
-        second = second.view(n, groups, group_size, group_size)
-        sq_mean = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
-        return Moments(mean.view(n, c), sq_mean, second.mean(0))
+        mean, sq_mean, second = _MomentsNCHW.apply(
+            xf.reshape(n * groups, group_size, h * w), groups
+        )
+        return Moments(mean.view(n, c), sq_mean.view(n, c), second)
 
 
 def batch_covariance(moments: Moments, eps: float) -> Tensor:
@@ -148,8 +152,9 @@ def instance_variance(moments: Moments) -> Tensor:
 def spatial_variance(x: Tensor) -> Tensor:
     """Population variance of each channel of each sample over H×W (CE paper, Eqn 7).
 
-    Computed as E[x²] − E[x]² from a sum and a vector norm, two fast reductions
-    (``torch.var`` over two dimensions is an order of magnitude slower on CPU).
+    Computed as E[x²] − E[x]² from the sums and sums of squares of the rows (one pass with the
+    compiled kernels, :func:`cenet.kernels.row_moments`; ``torch.var`` over two dimensions is
+    an order of magnitude slower on CPU).
 
     Args:
         x: (N, C, H, W) feature map.
@@ -159,6 +164,10 @@ def spatial_variance(x: Tensor) -> Tensor:
     """
     n, c, h, w = x.shape
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = xf.mean((2, 3))
-    sq = torch.linalg.vector_norm(xf, dim=(2, 3)).square().div(h * w)
+    if xf.is_contiguous():
+        total, sq = kernels.row_moments(xf.view(n * c, h * w))
+        mean, sq = total.view(n, c).div_(h * w), sq.view(n, c).div_(h * w)
+    else:
+        mean = xf.mean((2, 3))
+        sq = torch.linalg.vector_norm(xf, dim=(2, 3)).square().div(h * w)
     return (sq - mean * mean).clamp_min(0)

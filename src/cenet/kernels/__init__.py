@@ -1,0 +1,175 @@
+"""Small-matrix × feature-row products of the CE block, with compiled CPU kernels.
+
+The CE block's heavy steps multiply many small channel-group matrices (g × g, g = 16) with
+long feature rows (H·W positions). PyTorch's batched GEMMs reach a fraction of the CPU's
+speed at these shapes, so on the CPU these products use C++ loops (``block_ops.cpp``) compiled
+once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja; the build takes about a
+minute and is cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+Every function here gives the same result without them, through ``torch.bmm``: on other
+devices and dtypes, inside ``torch.compile``, when the build fails (a warning says why), and
+when the environment variable ``CENET_KERNELS=0`` turns them off.
+
+Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g rows, M = H·W):
+    :func:`group_apply`: (W_{b mod G} + Diag(d_b)) X_b + c_b → (B, g, M)
+    :func:`group_gram`: Σ over samples of X_b Y_bᵀ per group (G, g, g), and the diagonals
+    :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["group_apply", "group_gram", "kernels_available", "row_moments"]
+
+_log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("block_ops.cpp")
+_DTYPES = (torch.float32, torch.float64)
+_state: dict[str, bool] = {}
+
+
+def _build() -> bool:
+    if os.environ.get("CENET_KERNELS", "1") == "0":
+        return False
+    # cpp_extension logs a CUDA warning when imported on a machine without CUDA; quiet it.
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        _log.info("building the CE block's CPU kernels (once per machine, about a minute)")
+        cpp_extension.load(
+            name="cenet_block_ops",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
+        warnings.warn(
+            f"cenet: could not build the CPU kernels from {_SOURCE} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); the CE block "
+            "falls back to torch.bmm (slower). Needs g++ and ninja; set CENET_KERNELS=0 to skip "
+            "the build.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    finally:
+        ext_log.setLevel(level)
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shape functions so that torch.export and torch.compile can trace the ops."""
+
+    @torch.library.register_fake("cenet_kernels::group_apply")
+    def _(w, x, diag, bias, transpose, out):
+        return None
+
+    @torch.library.register_fake("cenet_kernels::group_gram")
+    def _(x, y, groups, with_diag, symmetric):
+        b, g = x.shape[0], x.shape[1]
+        return x.new_empty(groups, g, g), x.new_empty(b if with_diag else 0, g)
+
+    @torch.library.register_fake("cenet_kernels::row_moments")
+    def _(x):
+        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+def kernels_available() -> bool:
+    """True if the compiled CPU kernels are built (building them on the first call)."""
+    if "ok" not in _state:
+        _state["ok"] = _build()
+    return _state["ok"]
+
+
+def _use_kernels(*tensors: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dtype != tensors[0].dtype:
+            return False
+    return kernels_available()
+
+
+def group_apply(
+    w: Tensor,
+    x: Tensor,
+    diag: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    transpose: bool = False,
+    shape: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Y_b = (W_{b mod G} + Diag(d_b)) X_b + c_b for the B = N·G channel groups of a batch.
+
+    Args:
+        w: (G, g, g) group matrices, shared by the samples (used transposed if ``transpose``).
+        x: (B, g, M) feature rows: batch b is group b mod G of sample b // G.
+        diag: (B, g) per-batch diagonals d_b, or None.
+        bias: (B, g) per-row constants c_b added at every position, or None.
+        shape: shape of the returned tensor (B·g·M elements; default (B, g, M)). The result is
+            allocated in this shape, not viewed into it, so that it can be returned from a
+            custom autograd Function and then modified in place.
+
+    Returns:
+        Contiguous tensor in ``x``'s dtype. No autograd: callers define the backward.
+    """
+    b, g, m = x.shape
+    out = x.new_empty(shape if shape is not None else (b, g, m))
+    if _use_kernels(w, x):
+        none = x.new_empty(0)
+        d = none if diag is None else diag.to(x.dtype)
+        c = none if bias is None else bias.to(x.dtype)
+        torch.ops.cenet_kernels.group_apply(w, x, d, c, transpose, out)
+        return out
+    groups = w.shape[0]
+    mats = w.transpose(1, 2) if transpose else w
+    mats = mats.unsqueeze(0).expand(b // groups, groups, g, g)
+    if diag is not None:
+        mats = mats + torch.diag_embed(diag.to(x.dtype).view(b // groups, groups, g))
+    mats = mats.reshape(b, g, g)
+    flat = out.view(b, g, m)
+    if bias is None:
+        torch.bmm(mats, x, out=flat)
+    else:
+        torch.baddbmm(bias.to(x.dtype).unsqueeze(-1), mats, x, out=flat)
+    return out
+
+
+def group_gram(
+    x: Tensor, y: Tensor, groups: int, *, with_diag: bool = False, symmetric: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Σ_{b mod G = j} X_b Y_bᵀ for each group j, and the per-batch diagonals of X_b Y_bᵀ.
+
+    Args:
+        x, y: (B, g, M) feature rows, B = N·G (``symmetric``: ``y`` is ``x``; half the work).
+        groups: G.
+        with_diag: also return diag(X_b Y_bᵀ) (B, g).
+
+    Returns:
+        ((G, g, g) sums over the samples, (B, g) diagonals or None).
+    """
+    if _use_kernels(x, y):
+        total, diag = torch.ops.cenet_kernels.group_gram(x, y, groups, with_diag, symmetric)
+        return total, (diag if with_diag else None)
+    b, g, m = x.shape
+    per = torch.bmm(x, y.transpose(1, 2))
+    total = per.view(b // groups, groups, g, g).sum(0)
+    return total, (per.diagonal(dim1=1, dim2=2) if with_diag else None)
+
+
+def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum and sum of squares of each row of X (B, M), in one pass: two (B,) tensors."""
+    if _use_kernels(x):
+        return torch.ops.cenet_kernels.row_moments(x)
+    return x.sum(1), torch.linalg.vector_norm(x, dim=1).square()

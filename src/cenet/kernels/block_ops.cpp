@@ -1,0 +1,308 @@
+// CPU kernels for the products of small channel-group matrices with long feature rows.
+//
+// The CE block multiplies many small (g x g, g = 16 by default) matrices with (g x M) slices of
+// an NCHW feature map, M = H*W. BLAS libraries tune for large square products and reach a
+// fraction of the machine's speed at these shapes (K = 16); these loops keep a tile of the
+// output in vector registers and stream the feature rows once. Vectors are GCC vector
+// extensions, so the code compiles for whatever the build machine offers (-march=native).
+//
+// X (B,g,M) holds B = N*G blocks of g feature rows: batch b is group b mod G of sample b / G.
+//   group_apply(W (G,g,g), X, diag (B,g) or empty, bias (B,g) or empty, transpose, out):
+//       out_b = (W_{b mod G}[^T] + Diag(diag_b)) X_b + bias_b                      (B,g,M)
+//   group_gram(X, Y, G, with_diag, symmetric) -> (sum_{b mod G = j} X_b Y_b^T (G,g,g),
+//       per-batch diagonals (B,g) or empty); symmetric: X is Y, half the tiles
+//   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
+//
+// Registered as torch.ops.cenet_kernels.* (CPU, float32 and float64, contiguous inputs).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+
+namespace {
+
+constexpr int kVecBytes = 64;
+
+template <typename T>
+struct Vec {
+  static constexpr int kLanes = kVecBytes / sizeof(T);
+  typedef T type __attribute__((vector_size(kVecBytes)));
+};
+
+template <typename T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline typename Vec<T>::type splat(T s) {
+  return typename Vec<T>::type{} + s;
+}
+
+
+// out[r0:r0+RT, p0:p0+2L] of one batch: RT rows of A times the K x 2L tile of X.
+template <typename T, int RT>
+inline void matmul_tile(const T* a, const T* x, const T* bias, T* out, int64_t r0, int64_t k_dim,
+                        int64_t m, int64_t p0) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  V acc0[RT], acc1[RT];
+  for (int r = 0; r < RT; ++r) {
+    acc0[r] = splat<T>(bias ? bias[r0 + r] : T(0));
+    acc1[r] = acc0[r];
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const V x0 = load<T>(x + k * m + p0);
+    const V x1 = load<T>(x + k * m + p0 + L);
+    for (int r = 0; r < RT; ++r) {
+      const T s = a[(r0 + r) * k_dim + k];
+      acc0[r] += s * x0;
+      acc1[r] += s * x1;
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    store<T>(out + (r0 + r) * m + p0, acc0[r]);
+    store<T>(out + (r0 + r) * m + p0 + L, acc1[r]);
+  }
+}
+
+template <typename T>
+void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, int64_t k_dim,
+                  int64_t m, int64_t p_begin, int64_t p_end) {
+  constexpr int L = Vec<T>::kLanes;
+  int64_t p = p_begin;
+  for (; p + 2 * L <= p_end; p += 2 * L) {
+    int64_t r = 0;
+    for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, x, bias, out, r, k_dim, m, p);
+    for (; r < r_dim; ++r) matmul_tile<T, 1>(a, x, bias, out, r, k_dim, m, p);
+  }
+  for (; p < p_end; ++p) {  // tail positions
+    for (int64_t r = 0; r < r_dim; ++r) {
+      T s = bias ? bias[r] : T(0);
+      for (int64_t k = 0; k < k_dim; ++k) s += a[r * k_dim + k] * x[k * m + p];
+      out[r * m + p] = s;
+    }
+  }
+}
+
+// Positions per task: long enough to amortize the tile set-up, short enough to split a sample.
+constexpr int64_t kChunk = 512;
+constexpr int64_t kMaxGroup = 64;
+
+void check_group_args(const at::Tensor& w, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 3 && w.size(1) == w.size(2) && w.size(1) == x.size(1),
+              name, ": expected W (G,g,g) and X (B,g,M), got ", w.sizes(), " and ", x.sizes());
+  TORCH_CHECK(x.size(0) % w.size(0) == 0, name, ": B = ", x.size(0),
+              " is not a multiple of G = ", w.size(0));
+  TORCH_CHECK(w.size(1) <= kMaxGroup, name, ": group size ", w.size(1), " > ", kMaxGroup);
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), name, ": dtypes differ");
+}
+
+// out_b = (W_{b mod G}[^T] + Diag(diag_b)) X_b + bias_b for every batch b (one sample's group).
+void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& diag,
+                 const at::Tensor& bias, bool transpose, at::Tensor& out) {
+  check_group_args(w, x, "group_apply");
+  const int64_t groups = w.size(0), g = w.size(1), b_dim = x.size(0), m = x.size(2);
+  const bool has_diag = diag.numel() > 0, has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_diag || (diag.dim() == 2 && diag.size(0) == b_dim && diag.size(1) == g),
+              "group_apply: expected diag (B,g), got ", diag.sizes());
+  TORCH_CHECK(!has_bias || (bias.dim() == 2 && bias.size(0) == b_dim && bias.size(1) == g),
+              "group_apply: expected bias (B,g), got ", bias.sizes());
+  TORCH_CHECK(out.is_contiguous() && out.numel() == b_dim * g * m &&
+                  out.scalar_type() == x.scalar_type(),
+              "group_apply: out must be a contiguous tensor of B*g*M elements in X's dtype");
+  auto wc = w.contiguous();
+  auto xc = x.contiguous();
+  auto dc = has_diag ? diag.contiguous().to(x.scalar_type()) : diag;
+  auto bc = has_bias ? bias.contiguous().to(x.scalar_type()) : bias;
+  const int64_t chunks = (m + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_apply", [&] {
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* dp = has_diag ? dc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, b_dim * chunks, 1, [&](int64_t begin, int64_t end) {
+      scalar_t a[kMaxGroup * kMaxGroup];
+      int64_t built = -1;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / chunks, c = t % chunks;
+        if (bi != built) {
+          const scalar_t* wg = wp + (bi % groups) * g * g;
+          for (int64_t r = 0; r < g; ++r)
+            for (int64_t k = 0; k < g; ++k) a[r * g + k] = transpose ? wg[k * g + r] : wg[r * g + k];
+          if (dp)
+            for (int64_t r = 0; r < g; ++r) a[r * g + r] += dp[bi * g + r];
+          built = bi;
+        }
+        const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
+        matmul_range<scalar_t>(a, xp + bi * g * m, bp ? bp + bi * g : nullptr, op + bi * g * m,
+                               g, g, m, p0, p1);
+      }
+    });
+  });
+}
+
+template <typename T>
+inline T hsum_tree(typename Vec<T>::type v) {
+  // Butterfly: half the lanes at a time (log2(lanes) shuffle-adds).
+  constexpr int L = Vec<T>::kLanes;
+  alignas(kVecBytes) T lanes[L];
+  store<T>(lanes, v);
+  for (int width = L / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
+
+// vacc[r][k] += X_b[r0+r] * Y_b[k0+k] lane-wise over the M positions of one batch b (the
+// lanes are summed once at the end, not per batch); diag_out[r] = X_b[r] . Y_b[r] if given.
+template <typename T, int RT, int KT>
+inline void gram_tile(const T* x, const T* y, typename Vec<T>::type* vacc, T* diag_out,
+                      int64_t r0, int64_t k0, int64_t g, int64_t m) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  // With diag_out, the diagonal accumulators start at 0 so that their lanes hold this batch's
+  // own products (added to vacc at the end), without cancellation against earlier batches.
+  V acc[RT][KT];
+  for (int r = 0; r < RT; ++r)
+    for (int k = 0; k < KT; ++k)
+      acc[r][k] = (diag_out && r0 + r == k0 + k) ? V{} : vacc[(r0 + r) * g + k0 + k];
+  int64_t p = 0;
+  for (; p + L <= m; p += L) {
+    V xv[RT], yv[KT];
+    for (int r = 0; r < RT; ++r) xv[r] = load<T>(x + (r0 + r) * m + p);
+    for (int k = 0; k < KT; ++k) yv[k] = load<T>(y + (k0 + k) * m + p);
+    for (int r = 0; r < RT; ++r)
+      for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int k = 0; k < KT; ++k) {
+      T tail = 0;
+      for (int64_t q = p; q < m; ++q) tail += x[(r0 + r) * m + q] * y[(k0 + k) * m + q];
+      acc[r][k][0] += tail;
+      if (diag_out && r0 + r == k0 + k) {
+        diag_out[r0 + r] = hsum_tree<T>(acc[r][k]);
+        vacc[(r0 + r) * g + k0 + k] += acc[r][k];
+      } else {
+        vacc[(r0 + r) * g + k0 + k] = acc[r][k];
+      }
+    }
+  }
+}
+
+// Adds X_b Y_b^T (g x g, lane-wise) to vacc; writes its diagonal to diag_out if given. With
+// symmetric, X is Y and only the tiles on and above the diagonal are computed.
+template <typename T>
+void gram_one(const T* x, const T* y, typename Vec<T>::type* vacc, T* diag_out, int64_t g,
+              int64_t m, bool symmetric) {
+  int64_t r = 0;
+  for (; r + 4 <= g; r += 4) {
+    int64_t k = symmetric ? r : 0;
+    for (; k + 4 <= g; k += 4) gram_tile<T, 4, 4>(x, y, vacc, diag_out, r, k, g, m);
+    for (; k < g; ++k) gram_tile<T, 4, 1>(x, y, vacc, diag_out, r, k, g, m);
+  }
+  for (; r < g; ++r)
+    for (int64_t k = symmetric ? r : 0; k < g; ++k)
+      gram_tile<T, 1, 1>(x, y, vacc, diag_out, r, k, g, m);
+}
+
+// sum_G[j] = sum over b with b mod G = j of X_b Y_b^T (G,g,g); diag (B,g) the per-batch diagonals.
+std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Tensor& y,
+                                              int64_t groups, bool with_diag, bool symmetric) {
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes() && x.size(1) <= kMaxGroup,
+              "group_gram: expected X and Y (B,g,M) of one shape, g <= ", kMaxGroup, ", got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(groups > 0 && x.size(0) % groups == 0, "group_gram: B = ", x.size(0),
+              " is not a multiple of G = ", groups);
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "group_gram: dtypes differ");
+  const int64_t b_dim = x.size(0), g = x.size(1), m = x.size(2);
+  auto xc = x.contiguous();
+  auto yc = y.contiguous();
+  const int64_t threads = at::get_num_threads();
+  const int64_t lanes = kVecBytes / x.element_size();
+  // Lane-wise partial sums per thread: (threads, G, g, g, lanes), summed at the end.
+  auto partial = at::zeros({threads, groups, g, g, lanes}, x.options());
+  auto diag = at::empty({with_diag ? b_dim : 0, g}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_gram", [&] {
+    using V = typename Vec<scalar_t>::type;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* yp = yc.data_ptr<scalar_t>();
+    V* pp = reinterpret_cast<V*>(partial.data_ptr<scalar_t>());
+    scalar_t* dp = with_diag ? diag.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, b_dim, 1, [&](int64_t begin, int64_t end) {
+      V* vacc = pp + at::get_thread_num() * groups * g * g;
+      for (int64_t bi = begin; bi < end; ++bi) {
+        gram_one<scalar_t>(xp + bi * g * m, yp + bi * g * m, vacc + (bi % groups) * g * g,
+                           dp ? dp + bi * g : nullptr, g, m, symmetric);
+      }
+    });
+  });
+  auto total = partial.sum({0, 4});
+  if (symmetric) total = total.triu() + total.triu(1).transpose(1, 2);
+  return {total, diag};
+}
+
+std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "row_moments: expected X (B,M), got ", x.sizes());
+  const int64_t b_dim = x.size(0), m = x.size(1);
+  auto xc = x.contiguous();
+  auto sum = at::empty({b_dim}, x.options());
+  auto sq = at::empty({b_dim}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_moments", [&] {
+    using V = typename Vec<scalar_t>::type;
+    constexpr int L = Vec<scalar_t>::kLanes;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* sp = sum.data_ptr<scalar_t>();
+    scalar_t* qp = sq.data_ptr<scalar_t>();
+    at::parallel_for(0, b_dim, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const scalar_t* row = xp + bi * m;
+        V s0 = splat<scalar_t>(0), s1 = s0, q0 = s0, q1 = s0;
+        int64_t p = 0;
+        for (; p + 2 * L <= m; p += 2 * L) {
+          const V v0 = load<scalar_t>(row + p), v1 = load<scalar_t>(row + p + L);
+          s0 += v0;
+          s1 += v1;
+          q0 += v0 * v0;
+          q1 += v1 * v1;
+        }
+        scalar_t s = hsum_tree<scalar_t>(s0 + s1), q = hsum_tree<scalar_t>(q0 + q1);
+        for (; p < m; ++p) {
+          s += row[p];
+          q += row[p] * row[p];
+        }
+        sp[bi] = s;
+        qp[bi] = q;
+      }
+    });
+  });
+  return {sum, sq};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cenet_kernels, lib) {
+  lib.def(
+      "group_apply(Tensor w, Tensor x, Tensor diag, Tensor bias, bool transpose, Tensor(a!) out)"
+      " -> ()");
+  lib.def(
+      "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric)"
+      " -> (Tensor, Tensor)");
+  lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
+  lib.impl("group_apply", &group_apply);
+  lib.impl("group_gram", &group_gram);
+  lib.impl("row_moments", &row_moments);
+}
