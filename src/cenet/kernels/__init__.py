@@ -69,7 +69,10 @@ def _build() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shape functions so that torch.export and torch.compile can trace the ops."""
+    """Shape functions so that torch.export and torch.compile can trace the ops (once)."""
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
 
     @torch.library.register_fake("cenet_kernels::group_apply")
     def _(w, x, diag, bias, transpose, out):

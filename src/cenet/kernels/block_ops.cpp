@@ -164,56 +164,72 @@ inline T hsum_tree(typename Vec<T>::type v) {
   return lanes[0];
 }
 
-// vacc[r][k] += X_b[r0+r] * Y_b[k0+k] lane-wise over the M positions of one batch b (the
-// lanes are summed once at the end, not per batch); diag_out[r] = X_b[r] . Y_b[r] if given.
+// out[r][k] += sum over the samples n in [n0, n1) of X_n[r0+r] . Y_n[k0+k], where X_n, Y_n are
+// the (g, M) blocks of one group at stride `stride` (elements) from sample to sample. The tile
+// stays in registers across samples; the per-sample diagonal X_n[r] . Y_n[r] goes to
+// diag[n * diag_stride + r] if diag is given. (No lane of acc is ever indexed: that would make
+// GCC keep the tile in memory.)
 template <typename T, int RT, int KT>
-inline void gram_tile(const T* x, const T* y, typename Vec<T>::type* vacc, T* diag_out,
-                      int64_t r0, int64_t k0, int64_t g, int64_t m) {
+void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T* out,
+               T* diag, int64_t diag_stride, int64_t r0, int64_t k0, int64_t g, int64_t m) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
-  // With diag_out, the diagonal accumulators start at 0 so that their lanes hold this batch's
-  // own products (added to vacc at the end), without cancellation against earlier batches.
-  V acc[RT][KT];
-  for (int r = 0; r < RT; ++r)
-    for (int k = 0; k < KT; ++k)
-      acc[r][k] = (diag_out && r0 + r == k0 + k) ? V{} : vacc[(r0 + r) * g + k0 + k];
-  int64_t p = 0;
-  for (; p + L <= m; p += L) {
-    V xv[RT], yv[KT];
-    for (int r = 0; r < RT; ++r) xv[r] = load<T>(x + (r0 + r) * m + p);
-    for (int k = 0; k < KT; ++k) yv[k] = load<T>(y + (k0 + k) * m + p);
-    for (int r = 0; r < RT; ++r)
-      for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
-  }
+  const bool on_diagonal = diag && r0 == k0 && RT == KT;
+  V acc[RT][KT], dsum[RT];
   for (int r = 0; r < RT; ++r) {
-    for (int k = 0; k < KT; ++k) {
-      T tail = 0;
-      for (int64_t q = p; q < m; ++q) tail += x[(r0 + r) * m + q] * y[(k0 + k) * m + q];
-      acc[r][k][0] += tail;
-      if (diag_out && r0 + r == k0 + k) {
-        diag_out[r0 + r] = hsum_tree<T>(acc[r][k]);
-        vacc[(r0 + r) * g + k0 + k] += acc[r][k];
-      } else {
-        vacc[(r0 + r) * g + k0 + k] = acc[r][k];
+    dsum[r] = V{};
+    for (int k = 0; k < KT; ++k) acc[r][k] = V{};
+  }
+  T tails[RT][KT] = {};
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* xn = x + n * stride;
+    const T* yn = y + n * stride;
+    int64_t p = 0;
+    for (; p + L <= m; p += L) {
+      V xv[RT], yv[KT];
+      for (int r = 0; r < RT; ++r) xv[r] = load<T>(xn + (r0 + r) * m + p);
+      for (int k = 0; k < KT; ++k) yv[k] = load<T>(yn + (k0 + k) * m + p);
+      // Keep the loaded rows in registers: GCC otherwise reloads them for every product.
+      for (int r = 0; r < RT; ++r) asm("" : "+v"(xv[r]));
+      for (int k = 0; k < KT; ++k) asm("" : "+v"(yv[k]));
+      for (int r = 0; r < RT; ++r)
+        for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
+    }
+    for (int r = 0; r < RT; ++r) {
+      for (int k = 0; k < KT; ++k) {
+        T tail = 0;
+        for (int64_t q = p; q < m; ++q) tail += xn[(r0 + r) * m + q] * yn[(k0 + k) * m + q];
+        tails[r][k] += tail;
+        if (on_diagonal && r == k) {
+          diag[n * diag_stride + r0 + r] = hsum_tree<T>(acc[r][r]) + tail;
+          dsum[r] += acc[r][r];
+          acc[r][r] = V{};
+        }
       }
     }
   }
+  for (int r = 0; r < RT; ++r)
+    for (int k = 0; k < KT; ++k)
+      out[(r0 + r) * g + k0 + k] +=
+          hsum_tree<T>(on_diagonal && r == k ? acc[r][k] + dsum[r] : acc[r][k]) + tails[r][k];
 }
 
-// Adds X_b Y_b^T (g x g, lane-wise) to vacc; writes its diagonal to diag_out if given. With
-// symmetric, X is Y and only the tiles on and above the diagonal are computed.
+// Adds sum_n X_n Y_n^T over samples [n0, n1) of one group to out (g, g). With symmetric, X is Y
+// and only the tiles on and above the diagonal are computed (the rest is mirrored later).
 template <typename T>
-void gram_one(const T* x, const T* y, typename Vec<T>::type* vacc, T* diag_out, int64_t g,
-              int64_t m, bool symmetric) {
+void gram_group(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T* out, T* diag,
+                int64_t diag_stride, int64_t g, int64_t m, bool symmetric) {
   int64_t r = 0;
   for (; r + 4 <= g; r += 4) {
     int64_t k = symmetric ? r : 0;
-    for (; k + 4 <= g; k += 4) gram_tile<T, 4, 4>(x, y, vacc, diag_out, r, k, g, m);
-    for (; k < g; ++k) gram_tile<T, 4, 1>(x, y, vacc, diag_out, r, k, g, m);
+    for (; k + 4 <= g; k += 4)
+      gram_tile<T, 4, 4>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
+    for (; k < g; ++k)
+      gram_tile<T, 4, 1>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
   }
   for (; r < g; ++r)
     for (int64_t k = symmetric ? r : 0; k < g; ++k)
-      gram_tile<T, 1, 1>(x, y, vacc, diag_out, r, k, g, m);
+      gram_tile<T, 1, 1>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
 }
 
 // sum_G[j] = sum over b with b mod G = j of X_b Y_b^T (G,g,g); diag (B,g) the per-batch diagonals.
@@ -225,29 +241,36 @@ std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Ten
   TORCH_CHECK(groups > 0 && x.size(0) % groups == 0, "group_gram: B = ", x.size(0),
               " is not a multiple of G = ", groups);
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "group_gram: dtypes differ");
-  const int64_t b_dim = x.size(0), g = x.size(1), m = x.size(2);
+  const int64_t b_dim = x.size(0), g = x.size(1), m = x.size(2), n_dim = b_dim / groups;
   auto xc = x.contiguous();
   auto yc = y.contiguous();
   const int64_t threads = at::get_num_threads();
-  const int64_t lanes = kVecBytes / x.element_size();
-  // Lane-wise partial sums per thread: (threads, G, g, g, lanes), summed at the end.
-  auto partial = at::zeros({threads, groups, g, g, lanes}, x.options());
+  // Tasks: (group, run of samples). A run's blocks of X and Y stay within ~512 KiB so that the
+  // tiles re-read them from L2; at least 2 tasks per thread for balance.
+  const int64_t block_bytes = 2 * g * m * x.element_size();
+  const int64_t per_run = std::max<int64_t>(1, (512 << 10) / std::max<int64_t>(1, block_bytes));
+  int64_t runs = std::max<int64_t>((n_dim + per_run - 1) / per_run,
+                                   (2 * threads + groups - 1) / groups);
+  runs = std::min(runs, n_dim);
+  auto partial = at::zeros({threads, groups, g, g}, x.options());
   auto diag = at::empty({with_diag ? b_dim : 0, g}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_gram", [&] {
-    using V = typename Vec<scalar_t>::type;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
-    V* pp = reinterpret_cast<V*>(partial.data_ptr<scalar_t>());
+    scalar_t* pp = partial.data_ptr<scalar_t>();
     scalar_t* dp = with_diag ? diag.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, b_dim, 1, [&](int64_t begin, int64_t end) {
-      V* vacc = pp + at::get_thread_num() * groups * g * g;
-      for (int64_t bi = begin; bi < end; ++bi) {
-        gram_one<scalar_t>(xp + bi * g * m, yp + bi * g * m, vacc + (bi % groups) * g * g,
-                           dp ? dp + bi * g : nullptr, g, m, symmetric);
+    at::parallel_for(0, groups * runs, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = pp + at::get_thread_num() * groups * g * g;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j = t / runs, run = t % runs;
+        const int64_t n0 = run * n_dim / runs, n1 = (run + 1) * n_dim / runs;
+        gram_group<scalar_t>(xp + j * g * m, yp + j * g * m, groups * g * m, n0, n1,
+                             acc + j * g * g, dp ? dp + j * g : nullptr, groups * g, g, m,
+                             symmetric);
       }
     });
   });
-  auto total = partial.sum({0, 4});
+  auto total = partial.sum(0);
   if (symmetric) total = total.triu() + total.triu(1).transpose(1, 2);
   return {total, diag};
 }

@@ -1,0 +1,126 @@
+"""The compiled group kernels against plain torch products, and their fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+from cenet import kernels
+from cenet.layers import ChannelEquilibrium
+
+SHAPES = [  # (N, G, g, M): tails of every kind (M not a multiple of the vector width, odd g)
+    (3, 2, 16, 1024),
+    (2, 3, 5, 37),
+    (4, 4, 16, 49),
+    (1, 1, 64, 100),
+    (2, 1, 8, 1),
+    (5, 2, 3, 70),
+]
+
+
+@pytest.fixture
+def compiled():
+    if not kernels.kernels_available():
+        pytest.skip("the CPU kernels could not be built here")
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    monkeypatch.setitem(kernels._state, "ok", False)
+
+
+def _reference_apply(w, x, diag, bias, transpose):
+    b, g, m = x.shape
+    mats = (w.transpose(1, 2) if transpose else w).repeat(b // w.shape[0], 1, 1)
+    if diag is not None:
+        mats = mats + torch.diag_embed(diag)
+    out = mats @ x
+    return out if bias is None else out + bias[..., None]
+
+
+def _check_all(dtype, atol):
+    torch.manual_seed(0)
+    for n, groups, g, m in SHAPES:
+        b = n * groups
+        w = torch.randn(groups, g, g, dtype=dtype)
+        x, y = torch.randn(b, g, m, dtype=dtype), torch.randn(b, g, m, dtype=dtype)
+        d, c = torch.randn(b, g, dtype=dtype), torch.randn(b, g, dtype=dtype)
+        for diag in (None, d):
+            for bias in (None, c):
+                for transpose in (False, True):
+                    out = kernels.group_apply(w, x, diag, bias, transpose=transpose)
+                    ref = _reference_apply(w, x, diag, bias, transpose)
+                    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+        per = x @ y.transpose(1, 2)
+        total, diag = kernels.group_gram(x, y, groups, with_diag=True)
+        torch.testing.assert_close(total, per.view(n, groups, g, g).sum(0), atol=atol, rtol=atol)
+        torch.testing.assert_close(diag, per.diagonal(dim1=1, dim2=2), atol=atol, rtol=atol)
+        sym, none = kernels.group_gram(x, x, groups, symmetric=True)
+        ref = (x @ x.transpose(1, 2)).view(n, groups, g, g).sum(0)
+        assert none is None
+        torch.testing.assert_close(sym, ref, atol=atol, rtol=atol)
+        total, sq = kernels.row_moments(x.view(b * g, m))
+        torch.testing.assert_close(total, x.view(b * g, m).sum(1), atol=atol, rtol=atol)
+        torch.testing.assert_close(sq, x.view(b * g, m).square().sum(1), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
+def test_compiled_kernels_match_torch(compiled, dtype, atol):
+    _check_all(dtype, atol)
+
+
+def test_fallback_matches_torch(fallback):
+    _check_all(torch.float64, 1e-10)
+
+
+def test_shaped_output_is_allocated_not_viewed(compiled):
+    x = torch.randn(2 * 4, 16, 9)
+    out = kernels.group_apply(torch.randn(4, 16, 16), x, shape=(2, 64, 3, 3))
+    assert out.shape == (2, 64, 3, 3) and out._base is None
+
+
+def test_bad_arguments_raise(compiled):
+    with pytest.raises(RuntimeError, match="not a multiple of G"):
+        kernels.group_apply(torch.randn(3, 4, 4), torch.randn(4, 4, 5))
+    with pytest.raises(RuntimeError, match="expected W"):
+        kernels.group_apply(torch.randn(2, 4, 3), torch.randn(4, 4, 5))
+
+
+@pytest.mark.parametrize("mode", ["ce", "bd", "ir"])
+def test_block_with_and_without_kernels_agrees(compiled, monkeypatch, mode):
+    torch.manual_seed(0)
+    block = ChannelEquilibrium(32, mode=mode).double()
+    x = torch.randn(4, 32, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 32, 5, 7, dtype=torch.float64)
+    results = []
+    for ok in (True, False):
+        monkeypatch.setitem(kernels._state, "ok", ok)
+        block.zero_grad()
+        x.grad = None
+        block(x).backward(grad)
+        results.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler\nError building extension 'cenet_block_ops'")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(kernels, "_state", {})
+    with pytest.warns(RuntimeWarning, match="could not build the CPU kernels.*torch.bmm"):
+        assert not kernels.kernels_available()
+    x = torch.randn(2, 4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not on every call
+        out = kernels.group_apply(torch.eye(4).expand(2, 4, 4).contiguous(), x)
+    torch.testing.assert_close(out, x)
+
+
+def test_environment_variable_turns_kernels_off(monkeypatch):
+    monkeypatch.setenv("CENET_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not kernels.kernels_available()
