@@ -1,20 +1,23 @@
 """Speed and memory of BN+ReLU against BN+CE+ReLU (and the other blocks) on this machine.
 
-Prints, per input shape (N, C, H, W): train forward+backward and eval forward time (ms, median
-of torch.utils.benchmark's blocked_autorange), the ratio to BN+ReLU, and the memory autograd
-saves for backward (MiB, distinct storages, the block's input included).
+Prints, per input shape (N, C, H, W): train forward+backward and eval forward time (ms, the
+median over rounds in which the blocks take turns), the ratio to BN+ReLU, and the memory
+autograd saves for backward (MiB, distinct storages, the block's input included).
 
-    python benchmarks/bench_block.py [--threads 2] [--min-run-time 1.0]
+    python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--no-kernels]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import time
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
+from cenet.kernels import kernels_available
 from cenet.layers import ChannelEquilibrium
 from cenet.train.allocator import keep_freed_memory
 
@@ -54,42 +57,88 @@ def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def _time_ms(fn, number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number * 1e3
+
+
+def time_blocks(
+    blocks_: dict[str, nn.Module], x: torch.Tensor, rounds: int, min_run_time: float
+) -> dict[str, tuple[float, float]]:
+    """Median (train, eval) ms per block over ``rounds`` rounds that visit the blocks in turn.
+
+    Interleaving the blocks within each round, rather than timing one block after the other,
+    keeps slow phases of a shared machine from landing on one block only.
+    """
+    grad = torch.randn(x.shape)
+    xe = x.detach()
+
+    def train_step(block):
+        return lambda: block(x).backward(grad)
+
+    def eval_step(block):
+        def run():
+            with torch.inference_mode():
+                block(xe)
+        return run
+
+    steps = {}
+    for name, block in blocks_.items():
+        for mode, make in (("train", train_step), ("eval", eval_step)):
+            block.train(mode == "train")
+            fn = make(block)
+            fn()  # warm-up (and, once per machine, the kernel build)
+            number = max(1, int(min_run_time / rounds / max(1e-4, _time_ms(fn, 1) / 1e3)))
+            steps[name, mode] = (block, mode == "train", fn, number)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, (block, training, fn, number) in steps.items():
+            block.train(training)
+            times[key].append(_time_ms(fn, number))
+    return {
+        name: (statistics.median(times[name, "train"]), statistics.median(times[name, "eval"]))
+        for name in blocks_
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--min-run-time", type=float, default=2.0,
+                        help="seconds per block and mode, spread over the rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--fresh-memory", action="store_true",
                         help="do not keep freed memory (every large tensor is page-faulted anew)")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="use torch.bmm instead of the compiled kernels (cenet.kernels)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_kernels:
+        os.environ["CENET_KERNELS"] = "0"
     if not args.fresh_memory:
         keep_freed_memory()
     print(f"torch {torch.__version__}, {args.threads} threads, "
-          f"{'fresh' if args.fresh_memory else 'reused'} memory")
+          f"{'fresh' if args.fresh_memory else 'reused'} memory, compiled kernels "
+          f"{'on' if kernels_available() else 'off'}, median of {args.rounds} interleaved rounds")
     print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'eval ms':>8} {'x':>5} "
           f"{'saved MiB':>9} {'x':>5}")
     for shape in SHAPES:
         x = torch.randn(*shape, requires_grad=True)
+        blocks_ = blocks(shape[1])
+        timed = time_blocks(blocks_, x, args.rounds, args.min_run_time)
         base = None
-        for name, block in blocks(shape[1]).items():
+        for name, block in blocks_.items():
             block.train()
-            grad = torch.randn(shape)
-            t_train = Timer(
-                "block(x).backward(grad)", globals={"block": block, "x": x, "grad": grad},
-                num_threads=args.threads,
-            ).blocked_autorange(min_run_time=args.min_run_time).median * 1e3
             mem = saved_bytes(block, x) / 2**20
-            block.eval()
-            xe = x.detach()
-            with torch.inference_mode():
-                t_eval = Timer(
-                    "block(x)", globals={"block": block, "x": xe}, num_threads=args.threads
-                ).blocked_autorange(min_run_time=args.min_run_time).median * 1e3
+            t_train, t_eval = timed[name]
             if base is None:
                 base = (t_train, t_eval, mem)
             print(
                 f"{str(shape):>20} {name:>12} {t_train:9.2f} {t_train / base[0]:5.2f} "
-                f"{t_eval:8.2f} {t_eval / base[1]:5.2f} {mem:9.1f} {mem / base[2]:5.2f}"
+                f"{t_eval:8.2f} {t_eval / base[1]:5.2f} {mem:9.1f} {mem / base[2]:5.2f}",
+                flush=True,
             )
 
 
