@@ -44,6 +44,19 @@ inline void store(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// The first n < kLanes elements, the other lanes 0.
+template <typename T>
+inline typename Vec<T>::type load_partial(const T* p, int64_t n) {
+  typename Vec<T>::type v = {};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+
+template <typename T>
+inline void store_partial(T* p, typename Vec<T>::type v, int64_t n) {
+  std::memcpy(p, &v, n * sizeof(T));
+}
+
 template <typename T>
 inline typename Vec<T>::type splat(T s) {
   return typename Vec<T>::type{} + s;
@@ -76,6 +89,20 @@ inline void matmul_tile(const T* a, const T* x, const T* bias, T* out, int64_t r
   }
 }
 
+// out[r0:r0+RT, p0:p0+n] for n < kLanes tail positions, through zero-padded vectors.
+template <typename T, int RT>
+inline void matmul_tail(const T* a, const T* x, const T* bias, T* out, int64_t r0, int64_t k_dim,
+                        int64_t m, int64_t p0, int64_t n) {
+  using V = typename Vec<T>::type;
+  V acc[RT];
+  for (int r = 0; r < RT; ++r) acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const V xv = load_partial<T>(x + k * m + p0, n);
+    for (int r = 0; r < RT; ++r) acc[r] += a[(r0 + r) * k_dim + k] * xv;
+  }
+  for (int r = 0; r < RT; ++r) store_partial<T>(out + (r0 + r) * m + p0, acc[r], n);
+}
+
 template <typename T>
 void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, int64_t k_dim,
                   int64_t m, int64_t p_begin, int64_t p_end) {
@@ -86,12 +113,12 @@ void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, 
     for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, x, bias, out, r, k_dim, m, p);
     for (; r < r_dim; ++r) matmul_tile<T, 1>(a, x, bias, out, r, k_dim, m, p);
   }
-  for (; p < p_end; ++p) {  // tail positions
-    for (int64_t r = 0; r < r_dim; ++r) {
-      T s = bias ? bias[r] : T(0);
-      for (int64_t k = 0; k < k_dim; ++k) s += a[r * k_dim + k] * x[k * m + p];
-      out[r * m + p] = s;
-    }
+  while (p < p_end) {  // at most two tail tiles of one vector each
+    const int64_t n = std::min<int64_t>(L, p_end - p);
+    int64_t r = 0;
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, p, n);
+    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, p, n);
+    p += n;
   }
 }
 
@@ -180,7 +207,6 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
     dsum[r] = V{};
     for (int k = 0; k < KT; ++k) acc[r][k] = V{};
   }
-  T tails[RT][KT] = {};
   for (int64_t n = n0; n < n1; ++n) {
     const T* xn = x + n * stride;
     const T* yn = y + n * stride;
@@ -195,13 +221,17 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
     }
-    for (int r = 0; r < RT; ++r) {
-      for (int k = 0; k < KT; ++k) {
-        T tail = 0;
-        for (int64_t q = p; q < m; ++q) tail += xn[(r0 + r) * m + q] * yn[(k0 + k) * m + q];
-        tails[r][k] += tail;
-        if (on_diagonal && r == k) {
-          diag[n * diag_stride + r0 + r] = hsum_tree<T>(acc[r][r]) + tail;
+    if (p < m) {  // zero-padded tail
+      V xv[RT], yv[KT];
+      for (int r = 0; r < RT; ++r) xv[r] = load_partial<T>(xn + (r0 + r) * m + p, m - p);
+      for (int k = 0; k < KT; ++k) yv[k] = load_partial<T>(yn + (k0 + k) * m + p, m - p);
+      for (int r = 0; r < RT; ++r)
+        for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
+    }
+    if constexpr (RT == KT) {
+      if (on_diagonal) {
+        for (int r = 0; r < RT; ++r) {
+          diag[n * diag_stride + r0 + r] = hsum_tree<T>(acc[r][r]);
           dsum[r] += acc[r][r];
           acc[r][r] = V{};
         }
@@ -211,7 +241,7 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
   for (int r = 0; r < RT; ++r)
     for (int k = 0; k < KT; ++k)
       out[(r0 + r) * g + k0 + k] +=
-          hsum_tree<T>(on_diagonal && r == k ? acc[r][k] + dsum[r] : acc[r][k]) + tails[r][k];
+          hsum_tree<T>(on_diagonal && r == k ? acc[r][k] + dsum[r] : acc[r][k]);
 }
 
 // Adds sum_n X_n Y_n^T over samples [n0, n1) of one group to out (g, g). With symmetric, X is Y
