@@ -124,3 +124,13 @@ def test_environment_variable_turns_kernels_off(monkeypatch):
     monkeypatch.setenv("CENET_KERNELS", "0")
     monkeypatch.setattr(kernels, "_state", {})
     assert not kernels.kernels_available()
+
+
+def test_flop_counter_counts_the_products_as_matmuls(compiled):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(4, 16, 9), torch.randn(2, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        kernels.group_apply(w, x)
+        kernels.group_gram(x, x, 2)
+    assert counter.get_total_flops() == 2 * (2 * 4 * 16 * 16 * 9)

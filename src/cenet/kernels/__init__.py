@@ -7,7 +7,9 @@ once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja; the build
 minute and is cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 Every function here gives the same result without them, through ``torch.bmm``: on other
 devices and dtypes, inside ``torch.compile``, when the build fails (a warning says why), and
-when the environment variable ``CENET_KERNELS=0`` turns them off.
+when the environment variable ``CENET_KERNELS=0`` turns them off. ``torch.utils.flop_counter``
+counts them as the batched products they replace once they are loaded: call
+:func:`kernels_available` before creating a ``FlopCounterMode`` (it copies the formulas then).
 
 Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g rows, M = H·W):
     :func:`group_apply`: (W_{b mod G} + Diag(d_b)) X_b + c_b → (B, g, M)
@@ -69,7 +71,8 @@ def _build() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shape functions so that torch.export and torch.compile can trace the ops (once)."""
+    """Shape functions so that torch.export and torch.compile can trace the ops, and FLOP
+    formulas for torch.utils.flop_counter (once)."""
     if _state.get("fakes"):
         return
     _state["fakes"] = True
@@ -86,6 +89,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cenet_kernels::row_moments")
     def _(x):
         return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+    # torch.utils.flop_counter counts the products as the batched matmuls they replace
+    # (2 FLOPs per multiply-add); reductions such as row_moments count 0, as sums do there.
+    from torch.utils.flop_counter import register_flop_formula
+
+    def product_flops(first_shape, second_shape, *args, **kwargs) -> int:
+        b, g, m = second_shape
+        return 2 * b * g * g * m
+
+    register_flop_formula(torch.ops.cenet_kernels.group_apply)(product_flops)
+    register_flop_formula(torch.ops.cenet_kernels.group_gram)(product_flops)
 
 
 def kernels_available() -> bool:
