@@ -17,4 +17,4 @@ for p in 0.0 0.2 0.4 0.6 0.8; do
       --label-noise "$p" --out "$run" $mode --no-progress
   done
 done
-"$CENET" compare "${runs[@]}" --out "$DOCS"
+"$CENET" compare "${runs[@]}" --out "$DOCS" --sweep label_noise

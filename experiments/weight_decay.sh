@@ -20,4 +20,4 @@ for wd in ${WDS:-1e-4 5e-4 1e-3 5e-3}; do
     "$CENET" analyze "$run" --out "$run/analysis" --batches "${BATCHES:-6}" --ablation-repeats 3
   done
 done
-"$CENET" compare "${runs[@]}" --out "$DOCS"
+"$CENET" compare "${runs[@]}" --out "$DOCS" --sweep weight_decay

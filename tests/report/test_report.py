@@ -144,3 +144,20 @@ def test_compare_missing_run_and_bad_labels(runs, tmp_path, capsys) -> None:
     assert main(["compare", str(runs[0]), "--labels", "a", "b",
                  "--out", str(tmp_path / "c")]) == 2  # fmt: skip
     assert "labels" in capsys.readouterr().err
+
+
+def test_compare_sweep_groups_by_value_and_plots(runs, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    # the two runs differ in seed only: sweeping "seed" gives one group per run
+    assert main(["compare", str(runs[0]), str(runs[1]), "--out", str(out),
+                 "--sweep", "seed"]) == 0  # fmt: skip
+    c = json.loads((out / "comparison.json").read_text())
+    assert [r["sweep"] for r in c["runs"]] == [0, 1]
+    assert [a["model"] for a in c["per_model"]] == [f"{MODEL} seed=0", f"{MODEL} seed=1"]
+    md = (out / "comparison.md").read_text()
+    assert "## Per model and seed" in md
+    for name in ("top1_vs_seed.png", "inhibited_vs_seed.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC and f"]({name})" in md
+    assert main(["compare", str(runs[0]), "--out", str(out), "--sweep", "nokey"]) == 2
+    err = capsys.readouterr().err
+    assert "'nokey' is not a key of" in err and "label_noise" in err

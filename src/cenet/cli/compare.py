@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="LABEL",
         help="one label per run (default the run directory names)",
     )
+    p.add_argument(
+        "--sweep",
+        metavar="KEY",
+        help="a config key the runs vary (e.g. label_noise, weight_decay): average per model "
+        "and value, and plot top-1 and inhibited ratio against it",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     :func:`cenet.cli.main`."""
     from cenet.report import compare_runs  # matplotlib is imported only when needed
 
-    result = compare_runs(args.runs, out=args.out, labels=args.labels)
+    result = compare_runs(args.runs, out=args.out, labels=args.labels, sweep=args.sweep)
     for row in result.rows:
         final = "-" if row["final_top1"] is None else f"{row['final_top1']:.2f}%"
         inh = "-" if row["inhibited_ratio"] is None else f"{row['inhibited_ratio']:.2f}%"

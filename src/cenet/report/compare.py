@@ -132,13 +132,18 @@ def read_run(run_dir: str | os.PathLike[str], label: str | None = None) -> dict[
     }
 
 
-def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model (in first-seen order): ``{"model", "runs", "seeds", key: {"mean", "std",
-    "n"} | None}`` for each key of :data:`AGGREGATED` (std unbiased over the runs that have
-    the value, 0.0 for one; ``None`` when no run has it)."""
+def _group_name(row: dict[str, Any], sweep: str | None) -> str:
+    return str(row["model"]) if sweep is None else f"{row['model']} {sweep}={row['sweep']}"
+
+
+def aggregate(rows: Sequence[dict[str, Any]], sweep: str | None = None) -> list[dict[str, Any]]:
+    """Per model (in first-seen order), or per (model, swept value) with ``sweep``:
+    ``{"model", "runs", "seeds", key: {"mean", "std", "n"} | None}`` for each key of
+    :data:`AGGREGATED` (std unbiased over the runs that have the value, 0.0 for one; ``None``
+    when no run has it)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(str(row["model"]), []).append(row)
+        groups.setdefault(_group_name(row, sweep), []).append(row)
     out = []
     for model, group in groups.items():
         entry: dict[str, Any] = {
@@ -174,7 +179,10 @@ def _cell(value: Any) -> str:
 
 
 def render_markdown(
-    rows: Sequence[dict[str, Any]], agg: Sequence[dict[str, Any]], figures: dict[str, Path]
+    rows: Sequence[dict[str, Any]],
+    agg: Sequence[dict[str, Any]],
+    figures: dict[str, Path],
+    sweep: str | None = None,
 ) -> str:
     """The text of ``comparison.md``: the per-run table, the per-model table and the
     figures (by file name)."""
@@ -197,7 +205,8 @@ def render_markdown(
     heads = ["model", "runs", "seeds"] + [h for k, h in COLUMNS if k in AGGREGATED]
     lines += [
         "",
-        "## Per model (mean ± std over seeds)",
+        "## Per model (mean ± std over seeds)" if sweep is None
+        else f"## Per model and {sweep} (mean ± std over seeds)",
         "",
         "| " + " | ".join(heads) + " |",
         "|" + "---|" * len(heads),
@@ -211,17 +220,48 @@ def render_markdown(
     return "\n".join(lines)
 
 
+def _sweep_figures(rows: Sequence[dict[str, Any]], sweep: str, out_dir: Path) -> dict[str, Path]:
+    """Final top-1 and inhibited ratio against the swept value, mean over seeds, per model."""
+    figures = {}
+    for key, name, ylabel in (
+        ("final_top1", "top1", "final test top-1 (%)"),
+        ("inhibited_ratio", "inhibited", "inhibited channels (%)"),
+    ):
+        series: dict[str, dict[float, list[float]]] = {}
+        for row in rows:
+            if row[key] is not None:
+                points = series.setdefault(str(row["model"]), {})
+                points.setdefault(float(row["sweep"]), []).append(float(row[key]))
+        if series:
+            means = {m: {v: statistics.fmean(ys) for v, ys in p.items()} for m, p in series.items()}
+            figures[f"{name}_vs_{sweep}"] = plots.sweep_plot(
+                means,
+                out_dir / f"{name}_vs_{sweep}.png",
+                xlabel=sweep,
+                ylabel=ylabel,
+                title=f"{ylabel[0].upper()}{ylabel[1:]} against {sweep}",
+            )
+    return figures
+
+
 def compare_runs(
     run_dirs: Sequence[str | os.PathLike[str]],
     *,
     out: str | os.PathLike[str] = "comparison",
     labels: Sequence[str] | None = None,
+    sweep: str | None = None,
 ) -> Comparison:
     """Compare runs and write ``comparison.json``, ``comparison.md`` and the overlaid figures
     into ``out``.
 
+    With ``sweep`` (a key of the runs' ``config.yaml``, e.g. ``label_noise`` or
+    ``weight_decay``), runs are averaged per (model, value) and two more figures plot the
+    final top-1 and, for analyzed runs, the inhibited ratio against that value, one line per
+    model (CE paper Fig. 4b, d, e).
+
     Raises:
-        ValueError: for no run, or a number of labels different from the number of runs.
+        ValueError: for no run, a number of labels different from the number of runs, or a
+            ``sweep`` key missing from a run's config.
         FileNotFoundError: for a path that is not a run directory.
     """
     if not run_dirs:
@@ -232,7 +272,16 @@ def compare_runs(
     if not labels and len(set(names)) < len(names):
         names = [f"{n} ({i})" for i, n in enumerate(names, 1)]
     rows = [read_run(r, n) for r, n in zip(run_dirs, names, strict=True)]
-    agg = aggregate(rows)
+    if sweep is not None:
+        for row in rows:
+            config = read_yaml_config(Path(row["run_dir"]) / "config.yaml")
+            if sweep not in config:
+                raise ValueError(
+                    f"--sweep {sweep!r} is not a key of {row['run_dir']}/config.yaml; "
+                    f"keys: {', '.join(sorted(config))}"
+                )
+            row["sweep"] = config[sweep]
+    agg = aggregate(rows, sweep)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"output {out_dir} exists and is not a directory")
@@ -258,10 +307,12 @@ def compare_runs(
             out_dir / "ablation_overlay.png",
             title="Cumulative ablation (random, mean ± std)",
         )
+    if sweep is not None:
+        figures.update(_sweep_figures(rows, sweep, out_dir))
     json_path = out_dir / "comparison.json"
     json_path.write_text(
         json.dumps({"runs": rows, "per_model": agg}, indent=1) + "\n", encoding="utf-8"
     )
     md_path = out_dir / "comparison.md"
-    md_path.write_text(render_markdown(rows, agg, figures), encoding="utf-8")
+    md_path.write_text(render_markdown(rows, agg, figures, sweep), encoding="utf-8")
     return Comparison(out_dir, rows, agg, {"json": json_path, "markdown": md_path, **figures})

@@ -164,3 +164,28 @@ def top1_vs_epoch(
     ax.set_title(title)
     _legend(ax, len(series))
     return _save(fig, path)
+
+
+def sweep_plot(
+    series: Mapping[str, Mapping[float, float]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """One line per model through its (swept value, measurement) points, sorted by value;
+    a log x axis when the values are positive and span more than a factor of 20."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    _many_lines(ax)
+    values = [v for pts in series.values() for v in pts]
+    for label, pts in series.items():
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", markersize=4, label=label)
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax, len(series))
+    return _save(fig, path)
