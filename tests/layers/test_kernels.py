@@ -15,6 +15,7 @@ SHAPES = [  # (N, G, g, M): tails of every kind (M not a multiple of the vector 
     (1, 1, 64, 100),
     (2, 1, 8, 1),
     (5, 2, 3, 70),
+    (2, 1, 4, 1030),  # a last range of 6 positions (ranges are 512 long)
 ]
 
 

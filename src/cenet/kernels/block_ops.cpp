@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <tuple>
 
 namespace {
@@ -30,7 +31,18 @@ template <typename T>
 struct Vec {
   static constexpr int kLanes = kVecBytes / sizeof(T);
   typedef T type __attribute__((vector_size(kVecBytes)));
+  // Same-size integer lanes, for bit masks (casts between same-size vectors reinterpret).
+  typedef std::conditional_t<sizeof(T) == 8, int64_t, int32_t> lane_int;
+  typedef lane_int mask __attribute__((vector_size(kVecBytes)));
 };
+
+// All-ones in the last n lanes, zeros before: masks the lanes of an overlapping last window.
+template <typename T>
+inline typename Vec<T>::mask last_lanes(int64_t n) {
+  typename Vec<T>::mask mk = {};
+  for (int i = 0; i < Vec<T>::kLanes; ++i) mk[i] = i >= Vec<T>::kLanes - n ? -1 : 0;
+  return mk;
+}
 
 template <typename T>
 inline typename Vec<T>::type load(const T* p) {
@@ -97,10 +109,17 @@ inline void matmul_tail(const T* a, const T* x, const T* bias, T* out, int64_t r
   V acc[RT];
   for (int r = 0; r < RT; ++r) acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
   for (int64_t k = 0; k < k_dim; ++k) {
-    const V xv = load_partial<T>(x + k * m + p0, n);
+    const T* row = x + k * m + p0;
+    const V xv = n == Vec<T>::kLanes ? load<T>(row) : load_partial<T>(row, n);
     for (int r = 0; r < RT; ++r) acc[r] += a[(r0 + r) * k_dim + k] * xv;
   }
-  for (int r = 0; r < RT; ++r) store_partial<T>(out + (r0 + r) * m + p0, acc[r], n);
+  for (int r = 0; r < RT; ++r) {
+    if (n == Vec<T>::kLanes) {
+      store<T>(out + (r0 + r) * m + p0, acc[r]);
+    } else {
+      store_partial<T>(out + (r0 + r) * m + p0, acc[r], n);
+    }
+  }
 }
 
 template <typename T>
@@ -113,7 +132,22 @@ void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, 
     for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, x, bias, out, r, k_dim, m, p);
     for (; r < r_dim; ++r) matmul_tile<T, 1>(a, x, bias, out, r, k_dim, m, p);
   }
-  while (p < p_end) {  // at most two tail tiles of one vector each
+  if (p + L <= p_end) {  // one more full vector
+    int64_t r = 0;
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, p, L);
+    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, p, L);
+    p += L;
+  }
+  if (p < p_end && p_end - p_begin >= L) {
+    // The last vector window of this range again, overlapping columns already done: they
+    // get the same values, written by this thread only, and no partial loads are needed.
+    const int64_t q = p_end - L;
+    int64_t r = 0;
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, q, L);
+    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, q, L);
+    p = p_end;
+  }
+  while (p < p_end) {  // ranges shorter than a vector: zero-padded partial vectors
     const int64_t n = std::min<int64_t>(L, p_end - p);
     int64_t r = 0;
     for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, p, n);
@@ -201,7 +235,9 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
                T* diag, int64_t diag_stride, int64_t r0, int64_t k0, int64_t g, int64_t m) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
+  using Mask = typename Vec<T>::mask;
   const bool on_diagonal = diag && r0 == k0 && RT == KT;
+  const Mask tail_mask = last_lanes<T>(m % L);
   V acc[RT][KT], dsum[RT];
   for (int r = 0; r < RT; ++r) {
     dsum[r] = V{};
@@ -221,10 +257,16 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
     }
-    if (p < m) {  // zero-padded tail
-      V xv[RT], yv[KT];
-      for (int r = 0; r < RT; ++r) xv[r] = load_partial<T>(xn + (r0 + r) * m + p, m - p);
-      for (int k = 0; k < KT; ++k) yv[k] = load_partial<T>(yn + (k0 + k) * m + p, m - p);
+    if (p < m) {  // tail: the last full window with the lanes already summed masked off,
+      V xv[RT], yv[KT];  // or zero-padded vectors for rows shorter than a vector
+      if (m >= L) {
+        for (int r = 0; r < RT; ++r)
+          xv[r] = (V)((Mask)load<T>(xn + (r0 + r) * m + m - L) & tail_mask);
+        for (int k = 0; k < KT; ++k) yv[k] = load<T>(yn + (k0 + k) * m + m - L);
+      } else {
+        for (int r = 0; r < RT; ++r) xv[r] = load_partial<T>(xn + (r0 + r) * m + p, m - p);
+        for (int k = 0; k < KT; ++k) yv[k] = load_partial<T>(yn + (k0 + k) * m + p, m - p);
+      }
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
     }
