@@ -177,7 +177,10 @@ def sweep_plot(
     """One line per model through its (swept value, measurement) points, sorted by value;
     a log x axis when the values are positive and span more than a factor of 20."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    _many_lines(ax)
+    if len(series) <= 10:  # one line per model: ten fully distinct colours
+        ax.set_prop_cycle(color=plt.cm.tab10.colors)
+    else:
+        _many_lines(ax)
     values = [v for pts in series.values() for v in pts]
     for label, pts in series.items():
         xs = sorted(pts)
