@@ -26,7 +26,7 @@ from .cifar import CIFAR10_CLASSES, TensorSplits, load_cifar10
 from .loader import Loader, TensorLoader
 from .locate import DATASETS, DataSource, find_data, find_data_root, identify_data
 from .noise import noisy_labels
-from .subset import balanced_subset
+from .subset import balanced_subset, eval_order
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -122,7 +122,9 @@ def build_loaders(
         [B, 3, S, S], labels int64 [B])`` and have ``__len__`` (batches per epoch),
         ``set_epoch(epoch)``, ``batch_size`` and ``num_samples``. The training loader
         shuffles and augments, and drops the last partial batch when there is at least one
-        full batch (so no step sees a tiny batch); the test loader does none of this.
+        full batch (so no step sees a tiny batch); the test loader does none of this and
+        yields the test set in a fixed random order, the same for every run
+        (:func:`cenet.data.subset.eval_order`), so that its first batches sample every class.
 
     Raises:
         ValueError: unknown ``dataset``, ``batch_size``/``eval_batch_size < 1``,
@@ -212,9 +214,10 @@ def _cifar10_loaders(
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
     )
+    order = eval_order(len(splits.test_labels))
     test = TensorLoader(
-        splits.test_images,
-        splits.test_labels,
+        splits.test_images.index_select(0, order),
+        splits.test_labels.index_select(0, order),
         batch_size=eval_batch_size,
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
@@ -263,7 +266,7 @@ def _folder_loaders(
         num_workers=num_workers,
     )
     test = FolderLoader(
-        splits.test,
+        [splits.test[i] for i in eval_order(len(splits.test)).tolist()],
         transform=folder_transform(size, train=False),
         batch_size=eval_batch_size,
         num_workers=num_workers,

@@ -1,4 +1,4 @@
-"""Seeded, class-balanced training subsets (``train_subset=N``)."""
+"""Seeded, class-balanced training subsets (``train_subset=N``) and the fixed evaluation order."""
 
 from __future__ import annotations
 
@@ -40,3 +40,20 @@ def balanced_subset(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Ten
     key = rank * total + torch.arange(total)  # round-robin: all rank-0 samples first, ...
     chosen = perm[torch.argsort(key)[:n]]
     return torch.sort(chosen).values
+
+
+EVAL_ORDER_SEED = 0
+"""Seed of the evaluation order: the same for every run, so analyses of different runs that
+look at the first batches of the test set look at the same images."""
+
+
+def eval_order(n: int) -> torch.Tensor:
+    """A fixed random permutation of ``n`` test samples (int64 ``[n]``).
+
+    Test sets are often stored sorted by class (the CIFAR-10 JPEG archive, every ImageFolder
+    tree), so the first batches of an unshuffled loader would hold one or two classes. The
+    test loaders use this order instead, so that any run of first batches (``cenet analyze
+    --batches``, ``record_channels``) is a uniform sample of the test set. Full evaluations
+    are unaffected: they see every sample once.
+    """
+    return torch.randperm(n, generator=make_generator(EVAL_ORDER_SEED))
