@@ -123,7 +123,7 @@ def test_unknown_set_key_is_a_clear_error(capsys) -> None:
 def test_print_config_resolves_yaml_and_overrides(capsys) -> None:
     assert main(["train", "--config", "main", "--epochs", "3", "--print-config"]) == 0
     text = capsys.readouterr().out
-    # the YAML's model and width, the command line's epochs (main.yaml says 10)
+    # the YAML's model and width, the command line's epochs (main.yaml says 8)
     assert "model: cifar_vgg11_ce" in text and "width: 0.5" in text and "epochs: 3" in text
 
 
