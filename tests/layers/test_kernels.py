@@ -16,6 +16,7 @@ SHAPES = [  # (N, G, g, M): tails of every kind (M not a multiple of the vector 
     (2, 1, 8, 1),
     (5, 2, 3, 70),
     (2, 1, 4, 1030),  # a last range of 6 positions (ranges are 512 long)
+    (2, 2, 80, 20),  # groups wider than the kernels take (64): the torch fallback
 ]
 
 
@@ -78,6 +79,13 @@ def test_shaped_output_is_allocated_not_viewed(compiled):
     x = torch.randn(2 * 4, 16, 9)
     out = kernels.group_apply(torch.randn(4, 16, 16), x, shape=(2, 64, 3, 3))
     assert out.shape == (2, 64, 3, 3) and out._base is None
+
+
+def test_groups_wider_than_the_kernels_take_use_the_fallback(compiled):
+    block = ChannelEquilibrium(160, group_size=80)
+    x = torch.randn(4, 160, 3, 3, requires_grad=True)
+    block(x).sum().backward()  # the kernels would raise for g = 80
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
 
 
 def test_bad_arguments_raise(compiled):

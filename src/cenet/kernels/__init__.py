@@ -3,10 +3,11 @@
 The CE block's heavy steps multiply many small channel-group matrices (g × g, g = 16) with
 long feature rows (H·W positions). PyTorch's batched GEMMs reach a fraction of the CPU's
 speed at these shapes, so on the CPU these products use C++ loops (``block_ops.cpp``) compiled
-once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja; the build takes about a
-minute and is cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja; the build takes about half
+a minute and is cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 Every function here gives the same result without them, through ``torch.bmm``: on other
-devices and dtypes, inside ``torch.compile``, when the build fails (a warning says why), and
+devices and dtypes, for groups of more than 64 channels, inside ``torch.compile``, when the
+build fails (a warning says why), and
 when the environment variable ``CENET_KERNELS=0`` turns them off. ``torch.utils.flop_counter``
 counts them as the batched products they replace once they are loaded: call
 :func:`kernels_available` before creating a ``FlopCounterMode`` (it copies the formulas then).
@@ -32,6 +33,7 @@ __all__ = ["group_apply", "group_gram", "kernels_available", "row_moments"]
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
 _DTYPES = (torch.float32, torch.float64)
+_MAX_GROUP = 64  # kMaxGroup in block_ops.cpp: the largest g the kernels take
 _state: dict[str, bool] = {}
 
 
@@ -109,8 +111,8 @@ def kernels_available() -> bool:
     return _state["ok"]
 
 
-def _use_kernels(*tensors: Tensor) -> bool:
-    if torch.compiler.is_compiling():
+def _use_kernels(group_size: int, *tensors: Tensor) -> bool:
+    if torch.compiler.is_compiling() or group_size > _MAX_GROUP:
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dtype != tensors[0].dtype:
@@ -140,10 +142,14 @@ def group_apply(
 
     Returns:
         Contiguous tensor in ``x``'s dtype. No autograd: callers define the backward.
+
+    Raises:
+        RuntimeError: for shapes that do not fit (B not a multiple of G, g of ``w`` and ``x``
+            different, ``diag``/``bias`` not (B, g)), from the kernel or from ``torch.bmm``.
     """
     b, g, m = x.shape
     out = x.new_empty(shape if shape is not None else (b, g, m))
-    if _use_kernels(w, x):
+    if _use_kernels(x.shape[1], w, x):
         none = x.new_empty(0)
         d = none if diag is None else diag.to(x.dtype)
         c = none if bias is None else bias.to(x.dtype)
@@ -175,8 +181,11 @@ def group_gram(
 
     Returns:
         ((G, g, g) sums over the samples, (B, g) diagonals or None).
+
+    Raises:
+        RuntimeError: if ``x`` and ``y`` differ in shape or B is not a multiple of G.
     """
-    if _use_kernels(x, y):
+    if _use_kernels(x.shape[1], x, y):
         total, diag = torch.ops.cenet_kernels.group_gram(x, y, groups, with_diag, symmetric)
         return total, (diag if with_diag else None)
     b, g, m = x.shape
@@ -186,7 +195,12 @@ def group_gram(
 
 
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum and sum of squares of each row of X (B, M), in one pass: two (B,) tensors."""
-    if _use_kernels(x):
+    """Sum and sum of squares of each row of X (B, M), in one pass: two (B,) tensors in
+    ``x``'s dtype (no autograd; :func:`cenet.layers.moments.spatial_variance` wraps it).
+
+    Raises:
+        RuntimeError: if ``x`` is not 2-D.
+    """
+    if _use_kernels(0, x):
         return torch.ops.cenet_kernels.row_moments(x)
     return x.sum(1), torch.linalg.vector_norm(x, dim=1).square()

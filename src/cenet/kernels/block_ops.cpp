@@ -132,27 +132,21 @@ void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, 
     for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, x, bias, out, r, k_dim, m, p);
     for (; r < r_dim; ++r) matmul_tile<T, 1>(a, x, bias, out, r, k_dim, m, p);
   }
-  if (p + L <= p_end) {  // one more full vector
+  auto columns = [&](int64_t q, int64_t n) {  // every row, n <= L columns from q
     int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, p, L);
-    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, p, L);
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, q, n);
+    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, q, n);
+  };
+  if (p + L <= p_end) {  // one more full vector
+    columns(p, L);
     p += L;
   }
   if (p < p_end && p_end - p_begin >= L) {
     // The last vector window of this range again, overlapping columns already done: they
     // get the same values, written by this thread only, and no partial loads are needed.
-    const int64_t q = p_end - L;
-    int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, q, L);
-    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, q, L);
-    p = p_end;
-  }
-  while (p < p_end) {  // ranges shorter than a vector: zero-padded partial vectors
-    const int64_t n = std::min<int64_t>(L, p_end - p);
-    int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, p, n);
-    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, p, n);
-    p += n;
+    columns(p_end - L, L);
+  } else if (p < p_end) {  // a range shorter than a vector: zero-padded partial vectors
+    columns(p, p_end - p);
   }
 }
 

@@ -115,8 +115,9 @@ class _MomentsNHWC(torch.autograd.Function):
 def group_moments(x: Tensor, group_size: int) -> Moments:
     """Spatial moments of ``x`` for groups of ``group_size`` consecutive channels.
 
-    Computed in ``x``'s dtype promoted to at least float32 (also under autocast), in two
-    passes over the feature map (row sums, then the group second moments).
+    Computed in ``x``'s dtype promoted to at least float32 (also under autocast); for NCHW
+    input in two passes of the compiled kernels (row sums and squares, then the symmetric group
+    second moments), for NHWC input by a strided batched GEMM and two reductions.
 
     Args:
         x: (N, C, H, W) feature map, NCHW or channels-last, C divisible by ``group_size``.

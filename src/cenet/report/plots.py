@@ -175,7 +175,15 @@ def sweep_plot(
     title: str,
 ) -> Path:
     """One line per model through its (swept value, measurement) points, sorted by value;
-    a log x axis when the values are positive and span more than a factor of 20."""
+    a log x axis when the values are positive and span more than a factor of 20.
+
+    Args:
+        series: model label → {swept value: measurement (in the units of ``ylabel``)}.
+        path: PNG file to write (parent directories are created).
+
+    Returns:
+        The path written.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.8))
     if len(series) <= 10:  # one line per model: ten fully distinct colours
         ax.set_prop_cycle(color=plt.cm.tab10.colors)
