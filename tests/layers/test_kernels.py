@@ -143,3 +143,69 @@ def test_flop_counter_counts_the_products_as_matmuls(compiled):
         kernels.group_apply(w, x)
         kernels.group_gram(x, x, 2)
     assert counter.get_total_flops() == 2 * (2 * 4 * 16 * 16 * 9)
+
+
+def _trained(mode, c, dtype, **kwargs):
+    """A block whose running statistics and gate weights are not the initial ones."""
+    torch.manual_seed(1)
+    block = ChannelEquilibrium(c, mode=mode, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for _ in range(3):
+            block(torch.randn(6, c, 5, 4, dtype=dtype) * 2 + 1)
+    return block.eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("mode,c,group_size", [("ce", 32, 16), ("ce", 12, 4), ("ir", 20, 16)])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (1, 3), (14, 14)])
+def test_fused_eval_matches_the_general_path(compiled, monkeypatch, dtype, tol, mode, c,
+                                             group_size, hw):
+    block = _trained(mode, c, dtype, group_size=group_size)
+    calls = []
+    fused = kernels.ce_eval
+    monkeypatch.setattr(kernels, "ce_eval", lambda *a: calls.append(1) or fused(*a))
+    # few samples (positions split over threads) and many (one sample per task)
+    for n in (1, 4 * torch.get_num_threads() + 1):
+        x = torch.randn(n, c, *hw, dtype=dtype) * 3 - 1
+        with torch.no_grad():
+            out = block(x)
+        monkeypatch.setitem(kernels._state, "ok", False)
+        with torch.no_grad():
+            ref = block(x)
+        monkeypatch.setitem(kernels._state, "ok", True)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert len(calls) == 2
+
+
+def test_fused_eval_only_where_it_applies(compiled, monkeypatch):
+    calls = []
+    fused = kernels.ce_eval
+    monkeypatch.setattr(kernels, "ce_eval", lambda *a: calls.append(1) or fused(*a))
+    x = torch.randn(2, 32, 4, 4)
+    cases = [
+        (_trained("ce", 32, torch.float32), x, torch.enable_grad),  # autograd wants a graph
+        (_trained("bd", 32, torch.float32), x, torch.no_grad),  # no IR branch
+        (_trained("ce", 32, torch.float32, identity_init=True), x, torch.no_grad),
+        (_trained("ce", 32, torch.float32), x.to(memory_format=torch.channels_last),
+         torch.no_grad),
+        (_trained("ce", 32, torch.float32).train(), x, torch.no_grad),
+    ]
+    for block, inp, ctx in cases:
+        with ctx():
+            assert torch.isfinite(block(inp)).all()
+    assert calls == []
+    with torch.inference_mode():
+        _trained("ce", 32, torch.float32)(x)
+    assert calls == [1]
+
+
+def test_flop_counter_counts_the_fused_eval(compiled):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = _trained("ce", 32, torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        block(torch.randn(3, 32, 5, 5))
+    hidden = block.ir.fc1.weight.shape[0]
+    assert counter.get_total_flops() == 2 * 3 * 32 * 16 * 25 + 2 * 3 * 2 * 32 * hidden

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["group_apply", "group_gram", "kernels_available", "row_moments"]
+__all__ = ["ce_eval", "group_apply", "group_gram", "kernels_available", "kernels_usable",
+           "row_moments"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
@@ -88,6 +89,10 @@ def _register_fakes() -> None:
         b, g = x.shape[0], x.shape[1]
         return x.new_empty(groups, g, g), x.new_empty(b if with_diag else 0, g)
 
+    @torch.library.register_fake("cenet_kernels::ce_eval")
+    def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2, scale, group_size, out):
+        return None
+
     @torch.library.register_fake("cenet_kernels::row_moments")
     def _(x):
         return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
@@ -103,6 +108,14 @@ def _register_fakes() -> None:
     register_flop_formula(torch.ops.cenet_kernels.group_apply)(product_flops)
     register_flop_formula(torch.ops.cenet_kernels.group_gram)(product_flops)
 
+    def ce_eval_flops(x_shape, w_shape, fc1_shape, ln_w, ln_b, ln_eps, fc2_shape, scale,
+                      group_size, *args, **kwargs) -> int:
+        n, c, m = x_shape
+        gate = 2 * n * 2 * c * fc1_shape[0]  # the two gate layers, as linear layers count
+        return 2 * n * c * group_size * m + gate
+
+    register_flop_formula(torch.ops.cenet_kernels.ce_eval)(ce_eval_flops)
+
 
 def kernels_available() -> bool:
     """True if the compiled CPU kernels are built (building them on the first call)."""
@@ -111,7 +124,9 @@ def kernels_available() -> bool:
     return _state["ok"]
 
 
-def _use_kernels(group_size: int, *tensors: Tensor) -> bool:
+def kernels_usable(group_size: int, *tensors: Tensor) -> bool:
+    """True if the kernels take these tensors: CPU, one dtype of float32/float64, groups of at
+    most 64 channels, outside torch.compile, and the kernels built."""
     if torch.compiler.is_compiling() or group_size > _MAX_GROUP:
         return False
     for t in tensors:
@@ -149,7 +164,7 @@ def group_apply(
     """
     b, g, m = x.shape
     out = x.new_empty(shape if shape is not None else (b, g, m))
-    if _use_kernels(x.shape[1], w, x):
+    if kernels_usable(x.shape[1], w, x):
         none = x.new_empty(0)
         d = none if diag is None else diag.to(x.dtype)
         c = none if bias is None else bias.to(x.dtype)
@@ -185,7 +200,7 @@ def group_gram(
     Raises:
         RuntimeError: if ``x`` and ``y`` differ in shape or B is not a multiple of G.
     """
-    if _use_kernels(x.shape[1], x, y):
+    if kernels_usable(x.shape[1], x, y):
         total, diag = torch.ops.cenet_kernels.group_gram(x, y, groups, with_diag, symmetric)
         return total, (diag if with_diag else None)
     b, g, m = x.shape
@@ -201,6 +216,51 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         RuntimeError: if ``x`` is not 2-D.
     """
-    if _use_kernels(0, x):
+    if kernels_usable(0, x):
         return torch.ops.cenet_kernels.row_moments(x)
     return x.sum(1), torch.linalg.vector_norm(x, dim=1).square()
+
+
+def ce_eval(
+    x: Tensor,
+    wm: Tensor | None,
+    fc1: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    ln_eps: float,
+    fc2: Tensor,
+    scale: float,
+    group_size: int,
+) -> Tensor:
+    """The eval-mode CE block in one pass of the compiled kernel (CE paper, Eqns 4, 7, 8, 21).
+
+    y_n = (W + Diag(d_n)) x_n with d_n = scale · Sigmoid(fc2 ReLU(LN(fc1 σ̃²_n))), σ̃²_n the
+    population variances of the channels of sample n over H×W. The caller folds λ into W and
+    (1 − λ)·running_inv_std into ``scale``. Each sample's variances, gate and product are
+    computed while the sample is in cache. No autograd: for inference (``torch.no_grad``).
+
+    Args:
+        x: (N, C, H, W) NCHW-contiguous input.
+        wm: (C/g, g, g) BD matrices, or None (IR only).
+        fc1: (Hd, C) first gate layer; ``ln_weight``, ``ln_bias``: (Hd,) LayerNorm affine;
+            ``fc2``: (C, Hd) second gate layer. All in ``x``'s dtype.
+        ln_eps: ε of the LayerNorm.
+        scale: factor of the IR weights.
+        group_size: g.
+
+    Returns:
+        (N, C, H, W) tensor in ``x``'s dtype.
+
+    Raises:
+        RuntimeError: if the kernels are not built (see :func:`kernels_usable`) or the shapes
+            or dtypes do not fit.
+    """
+    if not kernels_available():
+        raise RuntimeError("cenet.kernels.ce_eval needs the compiled kernels, which are not built")
+    n, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.cenet_kernels.ce_eval(
+        x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1, ln_weight, ln_bias,
+        ln_eps, fc2, scale, group_size, out,
+    )
+    return out

@@ -12,6 +12,9 @@
 //   group_gram(X, Y, G, with_diag, symmetric) -> (sum_{b mod G = j} X_b Y_b^T (G,g,g),
 //       per-batch diagonals (B,g) or empty); symmetric: X is Y, half the tiles
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
+//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2, scale, g, out):
+//       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
+//       from X_n on the way (variances, gate MLP), one sample per task
 //
 // Registered as torch.ops.cenet_kernels.* (CPU, float32 and float64, contiguous inputs).
 
@@ -19,9 +22,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -219,6 +225,35 @@ inline T hsum_tree(typename Vec<T>::type v) {
   return lanes[0];
 }
 
+// One level of the transposing reduction: u and v hold partial sums of rows in blocks of 2W
+// lanes; the result holds the blocks of u, then those of v, each folded to W lanes.
+template <typename T, int W>
+inline typename Vec<T>::type fold_pair(typename Vec<T>::type u, typename Vec<T>::type v) {
+  constexpr int L = Vec<T>::kLanes;
+  typename Vec<T>::mask lo, hi;
+  for (int i = 0; i < L; ++i) {
+    const int src = i < L / 2 ? 0 : L, blk = (i % (L / 2)) / W, lane = i % W;
+    lo[i] = src + blk * 2 * W + lane;
+    hi[i] = lo[i] + W;
+  }
+  return __builtin_shuffle(u, v, lo) + __builtin_shuffle(u, v, hi);
+}
+
+// Lane r of the result is the sum of the lanes of rows[r], for kLanes vectors (a transposing
+// tree of shuffles: about 3 vector operations a row instead of a scalar sum of every lane).
+template <typename T>
+inline typename Vec<T>::type hsum_rows(const typename Vec<T>::type* rows) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  static_assert(L == 8 || L == 16, "hsum_rows: 8 or 16 lanes");
+  V a[L / 2], b[L / 4], c[2];
+  for (int i = 0; i < L / 2; ++i) a[i] = fold_pair<T, L / 2>(rows[2 * i], rows[2 * i + 1]);
+  for (int i = 0; i < L / 4; ++i) b[i] = fold_pair<T, L / 4>(a[2 * i], a[2 * i + 1]);
+  if constexpr (L == 8) return fold_pair<T, 1>(b[0], b[1]);
+  for (int i = 0; i < 2; ++i) c[i] = fold_pair<T, 2>(b[2 * i], b[2 * i + 1]);
+  return fold_pair<T, 1>(c[0], c[1]);
+}
+
 // out[r][k] += sum over the samples n in [n0, n1) of X_n[r0+r] . Y_n[k0+k], where X_n, Y_n are
 // the (g, M) blocks of one group at stride `stride` (elements) from sample to sample. The tile
 // stays in registers across samples; the per-sample diagonal X_n[r] . Y_n[r] goes to
@@ -341,6 +376,29 @@ std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Ten
   return {total, diag};
 }
 
+// Sum and sum of squares of one row of m elements.
+template <typename T>
+inline void row_sum_sq(const T* row, int64_t m, T& sum, T& sq) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  V s0 = splat<T>(0), s1 = s0, q0 = s0, q1 = s0;
+  int64_t p = 0;
+  for (; p + 2 * L <= m; p += 2 * L) {
+    const V v0 = load<T>(row + p), v1 = load<T>(row + p + L);
+    s0 += v0;
+    s1 += v1;
+    q0 += v0 * v0;
+    q1 += v1 * v1;
+  }
+  T s = hsum_tree<T>(s0 + s1), q = hsum_tree<T>(q0 + q1);
+  for (; p < m; ++p) {
+    s += row[p];
+    q += row[p] * row[p];
+  }
+  sum = s;
+  sq = q;
+}
+
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "row_moments: expected X (B,M), got ", x.sizes());
   const int64_t b_dim = x.size(0), m = x.size(1);
@@ -348,34 +406,187 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
   auto sum = at::empty({b_dim}, x.options());
   auto sq = at::empty({b_dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_moments", [&] {
-    using V = typename Vec<scalar_t>::type;
-    constexpr int L = Vec<scalar_t>::kLanes;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* sp = sum.data_ptr<scalar_t>();
     scalar_t* qp = sq.data_ptr<scalar_t>();
     at::parallel_for(0, b_dim, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t bi = begin; bi < end; ++bi) {
-        const scalar_t* row = xp + bi * m;
-        V s0 = splat<scalar_t>(0), s1 = s0, q0 = s0, q1 = s0;
-        int64_t p = 0;
-        for (; p + 2 * L <= m; p += 2 * L) {
-          const V v0 = load<scalar_t>(row + p), v1 = load<scalar_t>(row + p + L);
-          s0 += v0;
-          s1 += v1;
-          q0 += v0 * v0;
-          q1 += v1 * v1;
-        }
-        scalar_t s = hsum_tree<scalar_t>(s0 + s1), q = hsum_tree<scalar_t>(q0 + q1);
-        for (; p < m; ++p) {
-          s += row[p];
-          q += row[p] * row[p];
-        }
-        sp[bi] = s;
-        qp[bi] = q;
-      }
+      for (int64_t bi = begin; bi < end; ++bi) row_sum_sq<scalar_t>(xp + bi * m, m, sp[bi], qp[bi]);
     });
   });
   return {sum, sq};
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  V acc0 = splat<T>(0), acc1 = acc0;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += load<T>(a + i) * load<T>(b + i);
+    acc1 += load<T>(a + i + L) * load<T>(b + i + L);
+  }
+  T s = hsum_tree<T>(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Population variance of each of the C rows (M positions) of one sample (CE paper, Eqn 7);
+// rows in blocks of kLanes, whose vector sums are reduced together (hsum_rows).
+template <typename T>
+void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  int64_t c = 0;
+  for (; c + L <= c_dim; c += L) {
+    V s[L], q[L];
+    for (int r = 0; r < L; ++r) {
+      const T* row = x + (c + r) * m;
+      V s0 = splat<T>(0), s1 = s0, q0 = s0, q1 = s0;
+      int64_t p = 0;
+      for (; p + 2 * L <= m; p += 2 * L) {
+        const V v0 = load<T>(row + p), v1 = load<T>(row + p + L);
+        s0 += v0;
+        s1 += v1;
+        q0 += v0 * v0;
+        q1 += v1 * v1;
+      }
+      if (p + L <= m) {
+        const V v0 = load<T>(row + p);
+        s0 += v0;
+        q0 += v0 * v0;
+        p += L;
+      }
+      if (p < m) {
+        const V v0 = load_partial<T>(row + p, m - p);
+        s1 += v0;
+        q1 += v0 * v0;
+      }
+      s[r] = s0 + s1;
+      q[r] = q0 + q1;
+    }
+    const V mean = hsum_rows<T>(s) / T(m);
+    V v = hsum_rows<T>(q) / T(m) - mean * mean;
+    v = v > T(0) ? v : splat<T>(0);
+    store<T>(var + c, v);
+  }
+  for (; c < c_dim; ++c) {
+    T s, q;
+    row_sum_sq<T>(x + c * m, m, s, q);
+    const T mean = s / m;
+    var[c] = std::max(q / m - mean * mean, T(0));
+  }
+}
+
+// The IR gate of one sample (CE paper, Eqns 8, 21): h = ReLU(LN(fc1 var)) (Hd), then
+// d = scale * sigmoid(fc2 h) (C), fc2 given transposed (Hd, C) so that the second layer is a sum
+// of scaled rows rather than C short dot products.
+template <typename T>
+void ir_gate(const T* var, int64_t c_dim, const T* fc1, const T* ln_w, const T* ln_b, T ln_eps,
+             const T* fc2t, int64_t hd, T scale, T* hid, T* d) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  T mu = 0;
+  for (int64_t j = 0; j < hd; ++j) {
+    hid[j] = dot<T>(fc1 + j * c_dim, var, c_dim);
+    mu += hid[j];
+  }
+  mu /= hd;
+  T v = 0;
+  for (int64_t j = 0; j < hd; ++j) v += (hid[j] - mu) * (hid[j] - mu);
+  const T rstd = T(1) / std::sqrt(v / hd + ln_eps);
+  for (int64_t j = 0; j < hd; ++j)
+    hid[j] = std::max((hid[j] - mu) * rstd * ln_w[j] + ln_b[j], T(0));
+  std::fill(d, d + c_dim, T(0));
+  for (int64_t j = 0; j < hd; ++j) {
+    const T h = hid[j];
+    if (h == T(0)) continue;  // ReLU zeros: nothing to add
+    const T* row = fc2t + j * c_dim;
+    int64_t c = 0;
+    for (; c + L <= c_dim; c += L) store<T>(d + c, load<T>(d + c) + h * load<T>(row + c));
+    for (; c < c_dim; ++c) d[c] += h * row[c];
+  }
+  for (int64_t c = 0; c < c_dim; ++c) d[c] = scale / (T(1) + std::exp(-d[c]));
+}
+
+// Eval-mode CE block on X (N,C,M): out_n = (W + Diag(d_n)) X_n, d_n the IR weights of sample n
+// and W (G,g,g) the block-diagonal BD matrix, or none (IR only). With at least 4 samples per
+// thread, each thread takes whole samples: the variance pass brings a sample into cache and
+// the product reads it from there. Otherwise all weights first, then the product split over
+// positions as in group_apply.
+void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
+             const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2,
+             double scale, int64_t group_size, at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3, "ce_eval: expected X (N,C,M), got ", x.sizes());
+  const int64_t n_dim = x.size(0), c_dim = x.size(1), m = x.size(2), g = group_size;
+  const int64_t hd = fc1.size(0);
+  const bool has_w = w.numel() > 0;
+  TORCH_CHECK(g > 0 && g <= kMaxGroup && c_dim % g == 0, "ce_eval: group size ", g,
+              " must divide C = ", c_dim, " and be at most ", kMaxGroup);
+  TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
+                         w.size(2) == g),
+              "ce_eval: expected W (C/g, g, g), got ", w.sizes());
+  TORCH_CHECK(fc1.dim() == 2 && fc1.size(1) == c_dim && fc2.dim() == 2 && fc2.size(0) == c_dim &&
+                  fc2.size(1) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
+              "ce_eval: expected fc1 (Hd,C), fc2 (C,Hd), LayerNorm weights (Hd), got ",
+              fc1.sizes(), ", ", fc2.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1, &ln_w, &ln_b,
+                                                                       &fc2, &out})
+    TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "ce_eval: dtypes differ");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel(),
+              "ce_eval: out must be contiguous with X's number of elements");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto f1 = fc1.contiguous(), f2t = fc2.t().contiguous();
+  auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const int64_t groups = c_dim / g;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ce_eval", [&] {
+    using T = scalar_t;
+    const T* xp = xc.data_ptr<T>();
+    const T* wp = has_w ? wc.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    auto gate = [&](const T* var, T* hid, T* d) {
+      ir_gate<T>(var, c_dim, f1.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(), T(ln_eps),
+                 f2t.data_ptr<T>(), hd, T(scale), hid, d);
+    };
+    // One group of one sample, positions [p0, p1).
+    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1) {
+      T a[kMaxGroup * kMaxGroup];
+      for (int64_t r = 0; r < g; ++r)
+        for (int64_t k = 0; k < g; ++k) a[r * g + k] = wp ? wp[(j * g + r) * g + k] : T(0);
+      for (int64_t r = 0; r < g; ++r) a[r * g + r] += d[j * g + r];
+      const int64_t off = (n * c_dim + j * g) * m;
+      matmul_range<T>(a, xp + off, nullptr, op + off, g, g, m, p0, p1);
+    };
+    if (n_dim >= 4 * at::get_num_threads()) {
+      at::parallel_for(0, n_dim, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> buf(2 * c_dim + hd);
+        T *var = buf.data(), *d = var + c_dim, *hid = d + c_dim;
+        for (int64_t n = begin; n < end; ++n) {
+          row_variances<T>(xp + n * c_dim * m, c_dim, m, var);
+          gate(var, hid, d);
+          for (int64_t j = 0; j < groups; ++j) product(n, j, d, 0, m);
+        }
+      });
+      return;
+    }
+    std::vector<T> var(n_dim * c_dim), dall(n_dim * c_dim);
+    at::parallel_for(0, n_dim * c_dim, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_variances<T>(xp + r * m, 1, m, var.data() + r);
+    });
+    at::parallel_for(0, n_dim, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> hid(hd);
+      for (int64_t n = begin; n < end; ++n)
+        gate(var.data() + n * c_dim, hid.data(), dall.data() + n * c_dim);
+    });
+    const int64_t chunks = (m + kChunk - 1) / kChunk;
+    at::parallel_for(0, n_dim * groups * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c = t % chunks, j = (t / chunks) % groups, n = t / chunks / groups;
+        product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk));
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -388,10 +599,14 @@ TORCH_LIBRARY(cenet_kernels, lib) {
       "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric)"
       " -> (Tensor, Tensor)");
   lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
+  lib.def(
+      "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
+      " float scale, int group_size, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
   lib.impl("group_apply", &group_apply);
   lib.impl("group_gram", &group_gram);
   lib.impl("row_moments", &row_moments);
+  lib.impl("ce_eval", &ce_eval);
 }

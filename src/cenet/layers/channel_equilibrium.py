@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cenet import kernels
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.grouped import apply_group_transform
@@ -27,7 +28,9 @@ class ChannelEquilibrium(nn.Module):
     matrix, d_n the IR weights), in a single batched product; the statistics of both branches
     come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
     In eval, W is the running matrix, i.e. the grouped 1×1 convolution of
-    :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal.
+    :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under ``torch.no_grad`` on
+    CPU the whole eval block (variances, gate, product) is one compiled kernel per sample
+    (:func:`cenet.kernels.ce_eval`).
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -102,6 +105,11 @@ class ChannelEquilibrium(nn.Module):
         return torch.full((1,), float(self.mode == "bd"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and not torch.is_grad_enabled():
+            check_input(x, self.num_features, type(self).__name__)
+            out = self._fused_eval(x)
+            if out is not None:
+                return out
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)
@@ -121,6 +129,26 @@ class ChannelEquilibrium(nn.Module):
         if wm is None:
             return x * diag.to(x.dtype)[:, :, None, None]
         return apply_group_transform(x, wm, diag)
+
+    def _fused_eval(self, x: Tensor) -> Tensor | None:
+        """Inference in one pass of the compiled kernel (:func:`cenet.kernels.ce_eval`): the
+        same numbers as the general path, or ``None`` where the kernel does not apply (no IR
+        branch, ``identity_init``, channels-last or non-CPU input, other dtypes)."""
+        ir = self.ir
+        if ir is None or self.identity_init or not x.is_contiguous():
+            return None
+        group_size = 1 if self.bd is None else self.bd.group_size
+        weights = (ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight)
+        if not kernels.kernels_usable(group_size, x, *weights):
+            return None
+        wm, scale = None, ir.running_inv_std
+        if self.bd is not None:
+            lam = torch.sigmoid(self.theta)
+            wm, scale = (lam * self.bd.running_wm).to(x.dtype), (1 - lam) * scale
+        return kernels.ce_eval(
+            x, wm, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.norm.eps, ir.fc2.weight,
+            float(scale), group_size,
+        )
 
     def _operator(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The block's linear map: shared group matrices (G, g, g) and per-sample diagonals
