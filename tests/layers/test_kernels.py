@@ -209,3 +209,22 @@ def test_flop_counter_counts_the_fused_eval(compiled):
         block(torch.randn(3, 32, 5, 5))
     hidden = block.ir.fc1.weight.shape[0]
     assert counter.get_total_flops() == 2 * 3 * 32 * 16 * 25 + 2 * 3 * 2 * 32 * hidden
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_paired_products_match_torch(monkeypatch, dtype, atol, use_kernels):
+    if use_kernels and not kernels.kernels_available():
+        pytest.skip("the CPU kernels could not be built here")
+    monkeypatch.setitem(kernels._state, "ok", use_kernels)
+    torch.manual_seed(0)
+    for n, groups, g, m in SHAPES:
+        b = n * groups
+        w1, w2 = torch.randn(groups, g, g, dtype=dtype), torch.randn(groups, g, g, dtype=dtype)
+        x1, x2 = torch.randn(b, g, m, dtype=dtype), torch.randn(b, g, m, dtype=dtype)
+        d1, d2, c = (torch.randn(b, g, dtype=dtype) for _ in range(3))
+        for diags, bias in (((None, None), None), ((d1, d2), c), ((None, d2), c)):
+            out = kernels.group_apply_pair(w1, x1, diags[0], w2, x2, diags[1], bias)
+            ref = _reference_apply(w1, x1, diags[0], bias, True)
+            ref = ref + _reference_apply(w2, x2, diags[1], None, False)
+            torch.testing.assert_close(out, ref, atol=atol, rtol=atol)

@@ -14,6 +14,8 @@ counts them as the batched products they replace once they are loaded: call
 
 Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g rows, M = H·W):
     :func:`group_apply`: (W_{b mod G} + Diag(d_b)) X_b + c_b → (B, g, M)
+    :func:`group_apply_pair`: (W1_{b mod G}ᵀ + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b
+    + c_b → (B, g, M), in one pass
     :func:`group_gram`: Σ over samples of X_b Y_bᵀ per group (G, g, g), and the diagonals
     :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
 """
@@ -28,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ce_eval", "group_apply", "group_gram", "kernels_available", "kernels_usable",
-           "row_moments"]
+__all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "kernels_available",
+           "kernels_usable", "row_moments"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
@@ -84,6 +86,10 @@ def _register_fakes() -> None:
     def _(w, x, diag, bias, transpose, out):
         return None
 
+    @torch.library.register_fake("cenet_kernels::group_apply_pair")
+    def _(w1, x1, d1, w2, x2, d2, bias, out):
+        return None
+
     @torch.library.register_fake("cenet_kernels::group_gram")
     def _(x, y, groups, with_diag, symmetric):
         b, g = x.shape[0], x.shape[1]
@@ -107,6 +113,11 @@ def _register_fakes() -> None:
 
     register_flop_formula(torch.ops.cenet_kernels.group_apply)(product_flops)
     register_flop_formula(torch.ops.cenet_kernels.group_gram)(product_flops)
+
+    def pair_flops(w1_shape, x1_shape, *args, **kwargs) -> int:
+        return 2 * product_flops(w1_shape, x1_shape)
+
+    register_flop_formula(torch.ops.cenet_kernels.group_apply_pair)(pair_flops)
 
     def ce_eval_flops(x_shape, w_shape, fc1_shape, ln_w, ln_b, ln_eps, fc2_shape, scale,
                       group_size, *args, **kwargs) -> int:
@@ -182,6 +193,45 @@ def group_apply(
     else:
         torch.baddbmm(bias.to(x.dtype).unsqueeze(-1), mats, x, out=flat)
     return out
+
+
+def group_apply_pair(
+    w1: Tensor,
+    x1: Tensor,
+    d1: Tensor | None,
+    w2: Tensor,
+    x2: Tensor,
+    d2: Tensor | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Y_b = (W1_{b mod G}ᵀ + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b + c_b.
+
+    Two group products summed in one pass over the feature maps (the CE block's input
+    gradient: through its product, W1 = A, X1 = dY, and through its moments, X2 = X).
+
+    Args:
+        w1, w2: (G, g, g) group matrices (``w1`` used transposed).
+        x1, x2: (B, g, M) feature rows of one shape, B = N·G.
+        d1, d2: (B, g) per-batch diagonals, or None.
+        bias: (B, g) per-row constants, or None.
+
+    Returns:
+        Contiguous (B, g, M) tensor in ``x1``'s dtype. No autograd.
+
+    Raises:
+        RuntimeError: for shapes or dtypes that do not fit.
+    """
+    if kernels_usable(x1.shape[1], w1, x1, w2, x2):
+        none = x1.new_empty(0)
+        out = torch.empty_like(x1, memory_format=torch.contiguous_format)
+        torch.ops.cenet_kernels.group_apply_pair(
+            w1, x1, none if d1 is None else d1.to(x1.dtype), w2, x2,
+            none if d2 is None else d2.to(x1.dtype), none if bias is None else bias.to(x1.dtype),
+            out,
+        )
+        return out
+    out = group_apply(w1, x1, d1, bias, transpose=True)
+    return out.add_(group_apply(w2, x2, d2))
 
 
 def group_gram(

@@ -9,6 +9,8 @@
 // X (B,g,M) holds B = N*G blocks of g feature rows: batch b is group b mod G of sample b / G.
 //   group_apply(W (G,g,g), X, diag (B,g) or empty, bias (B,g) or empty, transpose, out):
 //       out_b = (W_{b mod G}[^T] + Diag(diag_b)) X_b + bias_b                      (B,g,M)
+//   group_apply_pair(W1, X1, d1, W2, X2, d2, bias, out):
+//       out_b = (W1^T + Diag(d1_b)) X1_b + (W2 + Diag(d2_b)) X2_b + bias_b  (one pass)
 //   group_gram(X, Y, G, with_diag, symmetric) -> (sum_{b mod G = j} X_b Y_b^T (G,g,g),
 //       per-batch diagonals (B,g) or empty); symmetric: X is Y, half the tiles
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
@@ -81,19 +83,34 @@ inline typename Vec<T>::type splat(T s) {
 }
 
 
-// out[r0:r0+RT, p0:p0+2L] of one batch: RT rows of A times the K x 2L tile of X. KC > 0 fixes
-// K = KC at compile time (the loop unrolled, the accumulators never leave the registers).
-template <typename T, int RT, int KC = 0>
-inline void matmul_tile(const T* a, const T* x, const T* bias, T* out, int64_t r0,
-                        int64_t k_runtime, int64_t m, int64_t p0) {
+// The K rows of the right-hand side of a product, each of m elements: rows [0, split) from x,
+// rows [split, K) from x2 (two feature maps multiplied at once: out = A1 X1 + A2 X2; one map:
+// x2 = x, split = K).
+template <typename T>
+struct Rows {
+  const T* x;
+  const T* x2;
+  int64_t split, m;
+  const T* row(int64_t k) const { return k < split ? x + k * m : x2 + (k - split) * m; }
+};
+
+// out[r0:r0+RT, p0:p0+2L] of one batch: RT rows of A (leading dimension K) times the K x 2L
+// tile of the rows. KC > 0 fixes K = KC, and the split of the rows at KS, at compile time (the
+// loop unrolled, the accumulators never leave the registers).
+template <typename T, int RT, int KC = 0, int KS = KC>
+inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
+                        int64_t k_runtime, int64_t p0) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
-  const int64_t k_dim = KC > 0 ? KC : k_runtime;
+  const int64_t k_dim = KC > 0 ? KC : k_runtime, m = src.m;
+  const T* x = src.x + p0;
+  const T* x2 = src.x2 + p0;
   V acc0[RT], acc1[RT];
   for (int r = 0; r < RT; ++r) acc0[r] = acc1[r] = V{};
   auto step = [&](int64_t k) {
-    const V x0 = load<T>(x + k * m + p0);
-    const V x1 = load<T>(x + k * m + p0 + L);
+    const T* row = KC > 0 ? (k < KS ? x + k * m : x2 + (k - KS) * m) : src.row(k) + p0;
+    const V x0 = load<T>(row);
+    const V x1 = load<T>(row + L);
     for (int r = 0; r < RT; ++r) {
       const T s = a[(r0 + r) * k_dim + k];
       acc0[r] += s * x0;
@@ -101,7 +118,7 @@ inline void matmul_tile(const T* a, const T* x, const T* bias, T* out, int64_t r
     }
   };
   if constexpr (KC > 0) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int k = 0; k < KC; ++k) step(k);
   } else {
     for (int64_t k = 0; k < k_dim; ++k) step(k);
@@ -116,13 +133,14 @@ inline void matmul_tile(const T* a, const T* x, const T* bias, T* out, int64_t r
 
 // out[r0:r0+RT, p0:p0+n] for n < kLanes tail positions, through zero-padded vectors.
 template <typename T, int RT>
-inline void matmul_tail(const T* a, const T* x, const T* bias, T* out, int64_t r0, int64_t k_dim,
-                        int64_t m, int64_t p0, int64_t n) {
+inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
+                        int64_t k_dim, int64_t p0, int64_t n) {
   using V = typename Vec<T>::type;
+  const int64_t m = src.m;
   V acc[RT];
   for (int r = 0; r < RT; ++r) acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
   for (int64_t k = 0; k < k_dim; ++k) {
-    const T* row = x + k * m + p0;
+    const T* row = src.row(k) + p0;
     const V xv = n == Vec<T>::kLanes ? load<T>(row) : load_partial<T>(row, n);
     for (int r = 0; r < RT; ++r) acc[r] += a[(r0 + r) * k_dim + k] * xv;
   }
@@ -141,6 +159,7 @@ inline void matmul_tail(const T* a, const T* x, const T* bias, T* out, int64_t r
 // task is requested while this one computes (about 1.5x faster from DRAM at M = 196).
 struct Prefetch {
   const char* x = nullptr;
+  const char* x2 = nullptr;  // the second source of a paired product, at the same offsets
   char* out = nullptr;
   int64_t row_bytes = 0, row_lines = 1, lines = 0;
 
@@ -161,34 +180,41 @@ struct Prefetch {
   void part(int64_t i, int64_t parts) const {
     for (int64_t l = i * lines / parts, e = (i + 1) * lines / parts; l < e; ++l) {
       const int64_t off = (l / row_lines) * row_bytes + (l % row_lines) * 64;
-      __builtin_prefetch(x + off, 0, 3);
-      __builtin_prefetch(out + off, 1, 3);
+      __builtin_prefetch(x + off, 0, 2);
+      if (x2) __builtin_prefetch(x2 + off, 0, 2);
+      __builtin_prefetch(out + off, 1, 2);
     }
   }
 };
 
+// out[:, p_begin:p_end] = A (r_dim x k_dim) times the rows, plus bias, for one batch.
 template <typename T>
-void matmul_range(const T* a, const T* x, const T* bias, T* out, int64_t r_dim, int64_t k_dim,
-                  int64_t m, int64_t p_begin, int64_t p_end, const Prefetch& pf = {}) {
+void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r_dim,
+                  int64_t k_dim, int64_t p_begin, int64_t p_end, const Prefetch& pf = {}) {
   constexpr int L = Vec<T>::kLanes;
   const int64_t steps = (p_end - p_begin) / (2 * L);
   if (steps == 0) pf.part(0, 1);
   int64_t p = p_begin;
   for (int64_t s = 0; s < steps; ++s, p += 2 * L) {
     pf.part(s, steps);
-    if (r_dim == 16 && k_dim == 16) {  // the default group size, unrolled
-      matmul_tile<T, 8, 16>(a, x, bias, out, 0, k_dim, m, p);
-      matmul_tile<T, 8, 16>(a, x, bias, out, 8, k_dim, m, p);
+    if (r_dim == 16 && k_dim == 16 && src.split == 16) {  // the default group size, unrolled
+      matmul_tile<T, 8, 16>(a, src, bias, out, 0, k_dim, p);
+      matmul_tile<T, 8, 16>(a, src, bias, out, 8, k_dim, p);
+      continue;
+    }
+    if (r_dim == 16 && k_dim == 32 && src.split == 16) {  // the same, paired
+      matmul_tile<T, 8, 32, 16>(a, src, bias, out, 0, k_dim, p);
+      matmul_tile<T, 8, 32, 16>(a, src, bias, out, 8, k_dim, p);
       continue;
     }
     int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, x, bias, out, r, k_dim, m, p);
-    for (; r < r_dim; ++r) matmul_tile<T, 1>(a, x, bias, out, r, k_dim, m, p);
+    for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, src, bias, out, r, k_dim, p);
+    for (; r < r_dim; ++r) matmul_tile<T, 1>(a, src, bias, out, r, k_dim, p);
   }
   auto columns = [&](int64_t q, int64_t n) {  // every row, n <= L columns from q
     int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, x, bias, out, r, k_dim, m, q, n);
-    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, x, bias, out, r, k_dim, m, q, n);
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, src, bias, out, r, k_dim, q, n);
+    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, src, bias, out, r, k_dim, q, n);
   };
   if (p + L <= p_end) {  // one more full vector
     columns(p, L);
@@ -260,8 +286,74 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
           pf = Prefetch(xp + nb * g * m, op + nb * g * m, g, m, nc * kChunk,
                         std::min(m, (nc + 1) * kChunk));
         }
-        matmul_range<scalar_t>(a, xp + bi * g * m, bp ? bp + bi * g : nullptr, op + bi * g * m,
-                               g, g, m, p0, p1, pf);
+        const Rows<scalar_t> src{xp + bi * g * m, xp + bi * g * m, g, m};
+        matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, op + bi * g * m, g, g, p0, p1,
+                               pf);
+      }
+    });
+  });
+}
+
+// out_b = (W1_{b mod G}^T + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b + bias_b: two
+// products summed in one pass over the feature maps (the input gradient of the CE block, from
+// its product and its moments). d1, d2, bias (B,g) or empty.
+void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tensor& d1,
+                      const at::Tensor& w2, const at::Tensor& x2, const at::Tensor& d2,
+                      const at::Tensor& bias, at::Tensor& out) {
+  check_group_args(w1, x1, "group_apply_pair");
+  check_group_args(w2, x2, "group_apply_pair");
+  TORCH_CHECK(x1.sizes() == x2.sizes() && w1.sizes() == w2.sizes() &&
+                  x1.scalar_type() == x2.scalar_type(),
+              "group_apply_pair: the two products differ in shape or dtype: ", x1.sizes(), ", ",
+              x2.sizes(), ", ", w1.sizes(), ", ", w2.sizes());
+  const int64_t groups = w1.size(0), g = w1.size(1), b_dim = x1.size(0), m = x1.size(2);
+  for (const at::Tensor* t : {&d1, &d2, &bias})
+    TORCH_CHECK(t->numel() == 0 || (t->dim() == 2 && t->size(0) == b_dim && t->size(1) == g),
+                "group_apply_pair: expected diagonals and bias (B,g), got ", t->sizes());
+  TORCH_CHECK(out.is_contiguous() && out.numel() == b_dim * g * m &&
+                  out.scalar_type() == x1.scalar_type(),
+              "group_apply_pair: out must be a contiguous tensor of B*g*M elements in X's dtype");
+  auto w1c = w1.contiguous(), w2c = w2.contiguous(), x1c = x1.contiguous(), x2c = x2.contiguous();
+  auto opt = [&](const at::Tensor& t) { return t.numel() ? t.contiguous().to(x1.scalar_type()) : t; };
+  auto d1c = opt(d1), d2c = opt(d2), bc = opt(bias);
+  const int64_t chunks = (m + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "group_apply_pair", [&] {
+    using T = scalar_t;
+    const T *w1p = w1c.data_ptr<T>(), *w2p = w2c.data_ptr<T>();
+    const T *x1p = x1c.data_ptr<T>(), *x2p = x2c.data_ptr<T>();
+    const T* d1p = d1c.numel() ? d1c.data_ptr<T>() : nullptr;
+    const T* d2p = d2c.numel() ? d2c.data_ptr<T>() : nullptr;
+    const T* bp = bc.numel() ? bc.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, b_dim * chunks, 1, [&](int64_t begin, int64_t end) {
+      T a[kMaxGroup * 2 * kMaxGroup];  // [W1^T + D1 | W2 + D2], g x 2g
+      int64_t built = -1;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / chunks, c = t % chunks;
+        if (bi != built) {
+          const T* wa = w1p + (bi % groups) * g * g;
+          const T* wb = w2p + (bi % groups) * g * g;
+          for (int64_t r = 0; r < g; ++r)
+            for (int64_t k = 0; k < g; ++k) {
+              a[r * 2 * g + k] = wa[k * g + r];
+              a[r * 2 * g + g + k] = wb[r * g + k];
+            }
+          for (int64_t r = 0; r < g; ++r) {
+            if (d1p) a[r * 2 * g + r] += d1p[bi * g + r];
+            if (d2p) a[r * 2 * g + g + r] += d2p[bi * g + r];
+          }
+          built = bi;
+        }
+        const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
+        Prefetch pf;
+        if (t + 1 < end) {
+          const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
+          pf = Prefetch(x1p + nb * g * m, op + nb * g * m, g, m, nc * kChunk,
+                        std::min(m, (nc + 1) * kChunk));
+          pf.x2 = reinterpret_cast<const char*>(x2p + nb * g * m + nc * kChunk);
+        }
+        const Rows<T> src{x1p + bi * g * m, x2p + bi * g * m, g, m};
+        matmul_range<T>(a, src, bp ? bp + bi * g : nullptr, op + bi * g * m, g, 2 * g, p0, p1, pf);
       }
     });
   });
@@ -616,7 +708,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
         for (int64_t k = 0; k < g; ++k) a[r * g + k] = wp ? wp[(j * g + r) * g + k] : T(0);
       for (int64_t r = 0; r < g; ++r) a[r * g + r] += d[j * g + r];
       const int64_t off = (n * c_dim + j * g) * m;
-      matmul_range<T>(a, xp + off, nullptr, op + off, g, g, m, p0, p1, pf);
+      matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, op + off, g, g, p0, p1, pf);
     };
     auto ahead = [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
       const int64_t off = (n * c_dim + j * g) * m;
@@ -676,6 +768,9 @@ TORCH_LIBRARY(cenet_kernels, lib) {
   lib.def(
       "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric)"
       " -> (Tensor, Tensor)");
+  lib.def(
+      "group_apply_pair(Tensor w1, Tensor x1, Tensor d1, Tensor w2, Tensor x2, Tensor d2,"
+      " Tensor bias, Tensor(a!) out) -> ()");
   lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
   lib.def(
       "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
@@ -685,6 +780,7 @@ TORCH_LIBRARY(cenet_kernels, lib) {
 TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
   lib.impl("group_apply", &group_apply);
   lib.impl("group_gram", &group_gram);
+  lib.impl("group_apply_pair", &group_apply_pair);
   lib.impl("row_moments", &row_moments);
   lib.impl("ce_eval", &ce_eval);
 }

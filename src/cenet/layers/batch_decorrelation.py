@@ -13,6 +13,7 @@ from cenet.layers._validate import (
     check_positive_int,
     check_unit_interval,
 )
+from cenet.layers.fused_block import fused_block_usable, fused_group_block
 from cenet.layers.grouped import apply_group_transform, group_conv_weight
 from cenet.layers.moments import Moments, batch_covariance, group_moments
 from cenet.layers.newton import newton_schulz_isqrt, trace_normalize
@@ -28,7 +29,10 @@ class BatchDecorrelation(nn.Module):
     ``running_wm`` (G, g, g) follows Eqn 32 with ``momentum`` and starts at I; in eval the
     branch is the fixed grouped 1×1 convolution with weight :meth:`conv_weight` (computed as a
     batched matrix product for NCHW input, which gives the same numbers several times faster
-    than a grouped convolution in NCHW on CPU).
+    than a grouped convolution in NCHW on CPU). In training on an NCHW CPU tensor without
+    ``pool``, statistics, Newton and product form one autograd node whose backward makes one
+    pass for the input gradient (:mod:`cenet.layers.fused_block`); a subclass that changes
+    :meth:`statistics` (for example to all-reduce them) sets ``fuse_training = False``.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -48,6 +52,9 @@ class BatchDecorrelation(nn.Module):
             fewer than 2 positions per group in training, or a non-finite covariance (the
             running buffer is left untouched).
     """
+
+    #: use the fused training node where it applies (see the class docstring)
+    fuse_training: bool = True
 
     def __init__(
         self,
@@ -95,6 +102,12 @@ class BatchDecorrelation(nn.Module):
             ValueError: if there are fewer than 2 positions (N·H·W) to estimate from.
         """
         xs = F.max_pool2d(x, 2, 2) if self.pool else x
+        self.check_positions(xs)
+        return group_moments(xs, self.group_size)
+
+    def check_positions(self, xs: Tensor) -> None:
+        """Raise ``ValueError`` if the statistics input xs (N, C, H, W) has fewer than 2
+        positions N·H·W to estimate a covariance from."""
         n, _, h, w = xs.shape
         if n * h * w < 2:
             raise ValueError(
@@ -103,7 +116,6 @@ class BatchDecorrelation(nn.Module):
                 + (" after 2×2 pooling" if self.pool else "")
                 + "; use a larger batch or call .eval()"
             )
-        return group_moments(xs, self.group_size)
 
     def whitening_matrix(self, moments: Moments) -> Tensor:
         """W = Newton(Σ_N) (G, g, g) from the batch moments, and the running-estimate update.
@@ -129,5 +141,16 @@ class BatchDecorrelation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
+        if self.training and self.fusable(x):
+            self.check_positions(x)
+            return fused_group_block(x, self.group_size, self._batch_operator, ())
         wm = self.whitening_matrix(self.statistics(x)) if self.training else self.running_wm
         return apply_group_transform(x, wm)
+
+    def fusable(self, x: Tensor) -> bool:
+        """True if training on ``x`` takes the fused node: ``fuse_training``, no ``pool``, and
+        :func:`cenet.layers.fused_block.fused_block_usable`."""
+        return self.fuse_training and not self.pool and fused_block_usable(x, self.group_size)
+
+    def _batch_operator(self, moments: Moments) -> tuple[Tensor, None]:
+        return self.whitening_matrix(moments), None

@@ -8,9 +8,10 @@ from torch import Tensor, nn
 from cenet import kernels
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.fused_block import fused_group_block
 from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
-from cenet.layers.moments import instance_variance, spatial_variance
+from cenet.layers.moments import Moments, instance_variance, spatial_variance
 
 CE_MODES = ("ce", "bd", "ir")
 
@@ -27,7 +28,9 @@ class ChannelEquilibrium(nn.Module):
     block-diagonal matrix per sample, A_n = λ·W + (1 − λ)·Diag(d_n) (W the group-wise BD
     matrix, d_n the IR weights), in a single batched product; the statistics of both branches
     come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
-    In eval, W is the running matrix, i.e. the grouped 1×1 convolution of
+    In training on an NCHW CPU tensor (no ``pool``, no ``identity_init``), moments, operator
+    and product are one autograd node with a one-pass input gradient
+    (:mod:`cenet.layers.fused_block`). In eval, W is the running matrix, i.e. the grouped 1×1 convolution of
     :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under ``torch.no_grad`` on
     CPU the whole eval block (variances, gate, product) is one compiled kernel per sample
     (:func:`cenet.kernels.ce_eval`).
@@ -110,6 +113,11 @@ class ChannelEquilibrium(nn.Module):
             out = self._fused_eval(x)
             if out is not None:
                 return out
+        if self.training and self.mode == "ce" and not self.identity_init and self.bd.fusable(x):
+            check_input(x, self.num_features, type(self).__name__)
+            self.bd.check_positions(x)
+            return fused_group_block(x, self.bd.group_size, self._batch_operator,
+                                     tuple(self.parameters()))
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)
@@ -154,6 +162,8 @@ class ChannelEquilibrium(nn.Module):
         """The block's linear map: shared group matrices (G, g, g) and per-sample diagonals
         (N, C), A_n = λ·W + (1 − λ)·Diag(d_n); ``None`` for a branch that is not built.
         In training this updates the running statistics."""
+        if self.training and self.mode == "ce" and not self.bd.pool:
+            return self._batch_operator(self.bd.statistics(x))
         moments = None
         if self.bd is None:
             wm = None
@@ -171,3 +181,11 @@ class ChannelEquilibrium(nn.Module):
             lam = torch.sigmoid(self.theta)
             wm, diag = lam * wm, (1 - lam) * diag
         return wm, diag
+
+    def _batch_operator(self, moments: Moments) -> tuple[Tensor, Tensor]:
+        """The training operator of ``"ce"`` mode from the batch moments (statistics without
+        pooling): λ·W and (1 − λ)·d; updates the running statistics."""
+        wm = self.bd.whitening_matrix(moments)
+        diag = self.ir.channel_scale(instance_variance(moments))
+        lam = torch.sigmoid(self.theta)
+        return lam * wm, (1 - lam) * diag

@@ -1,0 +1,122 @@
+"""The CE block's training step as one autograd node (cenet.layers.fused_block) against the
+unfused graph of torch operations."""
+
+import copy
+
+import pytest
+import torch
+
+from cenet import kernels
+from cenet.layers import BatchDecorrelation, ChannelEquilibrium
+
+
+@pytest.fixture(autouse=True)
+def compiled():
+    if not kernels.kernels_available():
+        pytest.skip("the CPU kernels could not be built here")
+
+
+def _perturbed(block):
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return block
+
+
+def _step(block, x, grad):
+    x.grad = None
+    y = block(x)
+    y.backward(grad)
+    return y, [y.detach(), x.grad.clone(), *(p.grad.clone() for p in block.parameters()),
+               *(b.clone() for b in block.buffers())]
+
+
+@pytest.mark.parametrize("mode", ["ce", "bd"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape,group_size", [((4, 32, 5, 7), 16), ((3, 12, 8, 8), 4),
+                                              ((2, 16, 1, 1), 16)])
+def test_fused_step_matches_the_unfused_graph(monkeypatch, mode, dtype, tol, shape, group_size):
+    block = _perturbed(ChannelEquilibrium(shape[1], mode=mode, group_size=group_size).to(dtype))
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
+    grad = torch.randn(shape, dtype=dtype)
+    y, fused = _step(copy.deepcopy(block), x, grad)
+    assert type(y.grad_fn).__name__ == "_FusedGroupBlockBackward"
+    monkeypatch.setitem(kernels._state, "ok", False)  # the torch graph, no kernels
+    y, ref = _step(copy.deepcopy(block), x, grad)
+    assert type(y.grad_fn).__name__ != "_FusedGroupBlockBackward"
+    for a, b in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_gradcheck_of_the_fused_step_in_float64():
+    block = _perturbed(ChannelEquilibrium(8, group_size=4).double())
+    params = list(block.parameters())
+    x = torch.randn(3, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        out = block(x)
+        assert type(out.grad_fn).__name__ == "_FusedGroupBlockBackward"
+        return out
+
+    # the parameters enter through the module: gradcheck for the input gradient, central
+    # differences of a scalar loss for the parameter gradients
+    assert torch.autograd.gradcheck(f, (x,))
+    weights = torch.randn(3, 8, 3, 2, dtype=torch.float64)
+    block.zero_grad()
+    (block(x) * weights).sum().backward()
+    for p in params:
+        analytic = p.grad.clone()
+        numeric = torch.zeros_like(p)
+        flat = p.data.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            values = []
+            for delta in (1e-6, -1e-6):
+                flat[i] = old + delta
+                with torch.no_grad():
+                    values.append((block(x) * weights).sum().item())
+            flat[i] = old
+            numeric.view(-1)[i] = (values[0] - values[1]) / 2e-6
+        torch.testing.assert_close(analytic, numeric, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_step_only_where_it_applies():
+    x = torch.randn(4, 16, 6, 6, requires_grad=True)
+    cases = {
+        "pool": ChannelEquilibrium(16, pool=True),
+        "identity_init": ChannelEquilibrium(16, identity_init=True),
+        "ir": ChannelEquilibrium(16, mode="ir"),
+    }
+    for name, block in cases.items():
+        assert type(block(x).grad_fn).__name__ != "_FusedGroupBlockBackward", name
+    nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = ChannelEquilibrium(16)(nhwc)
+    assert type(y.grad_fn).__name__ != "_FusedGroupBlockBackward"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert type(BatchDecorrelation(16)(x).grad_fn).__name__ == "_FusedGroupBlockBackward"
+
+
+def test_parameters_get_gradients_when_the_input_needs_none():
+    block = ChannelEquilibrium(16)
+    block(torch.randn(4, 16, 3, 3)).square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_in_place_activation_after_the_fused_step():
+    block = ChannelEquilibrium(16)
+    x = torch.randn(4, 16, 3, 3, requires_grad=True)
+    torch.relu_(block(x)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_subclass_with_its_own_statistics_turns_fusion_off():
+    class AllReduced(BatchDecorrelation):
+        fuse_training = False
+
+    x = torch.randn(4, 16, 3, 3, requires_grad=True)
+    assert type(AllReduced(16)(x).grad_fn).__name__ != "_FusedGroupBlockBackward"
+    block = ChannelEquilibrium(16)
+    block.bd.fuse_training = False
+    assert type(block(x).grad_fn).__name__ != "_FusedGroupBlockBackward"
