@@ -18,6 +18,8 @@ Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g row
     + c_b → (B, g, M), in one pass
     :func:`group_gram`: Σ over samples of X_b Y_bᵀ per group (G, g, g), and the diagonals
     :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
+    ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
+    index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
 """
 
 from __future__ import annotations
@@ -98,6 +100,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cenet_kernels::ce_eval")
     def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2, scale, group_size, out):
         return None
+
+    @torch.library.register_fake("cenet_kernels::max_pool_2x2")
+    def _(x):
+        return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
+
+    @torch.library.register_fake("cenet_kernels::max_pool_2x2_backward")
+    def _(x, grad):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("cenet_kernels::row_moments")
     def _(x):

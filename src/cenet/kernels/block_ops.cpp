@@ -14,6 +14,8 @@
 //   group_gram(X, Y, G, with_diag, symmetric) -> (sum_{b mod G = j} X_b Y_b^T (G,g,g),
 //       per-batch diagonals (B,g) or empty); symmetric: X is Y, half the tiles
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
+//   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad) -> dX (P,H,W):
+//       F.max_pool2d(x, 2, 2) without the index map
 //   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2, scale, g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
 //       from X_n on the way (variances, gate MLP), one sample per task
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <tuple>
 #include <vector>
@@ -759,6 +762,150 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
   });
 }
 
+// 2x2 max pooling with stride 2 of X (P,H,W) -> (P,H/2,W/2) (the BD statistics of the CE
+// paper, appendix G), and its backward: the gradient goes to the first maximum of the window
+// in row-major order, as at::max_pool2d chooses it.
+// Even and odd elements of 2L consecutive ones (v0, v1), and the inverse interleave.
+template <typename T>
+struct Deinterleave {
+  using V = typename Vec<T>::type;
+  using M = typename Vec<T>::mask;
+  static constexpr int L = Vec<T>::kLanes;
+  M even, odd, lo, hi;
+  Deinterleave() {
+    for (int i = 0; i < L; ++i) {
+      even[i] = 2 * i;
+      odd[i] = 2 * i + 1;
+      lo[i] = (i % 2 ? L : 0) + i / 2;
+      hi[i] = lo[i] + L / 2;
+    }
+  }
+};
+
+// One output row of the pooling: rows r0, r1 of X -> wo maxima (a NaN anywhere gives NaN).
+template <typename T>
+void pool_row(const T* r0, const T* r1, T* out, int64_t wo, const Deinterleave<T>& di) {
+  using V = typename Vec<T>::type;
+  using M = typename Vec<T>::mask;
+  constexpr int L = Vec<T>::kLanes;
+  int64_t j = 0;
+  for (; j + L <= wo; j += L) {
+    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
+    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
+    const V a = __builtin_shuffle(x0, x1, di.even), b = __builtin_shuffle(x0, x1, di.odd);
+    const V c = __builtin_shuffle(y0, y1, di.even), d = __builtin_shuffle(y0, y1, di.odd);
+    const V ab = a > b ? a : b, cd = c > d ? c : d;
+    const M nan = (a != a) | (b != b) | (c != c) | (d != d);
+    const V best = ab > cd ? ab : cd;
+    store<T>(out + j, (V)((M)best | nan));  // all bits set: a NaN
+  }
+  for (; j < wo; ++j) {
+    const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+    const bool nan = (a != a) | (b != b) | (c != c) | (d != d);
+    out[j] = nan ? std::numeric_limits<T>::quiet_NaN() : std::max(std::max(a, b), std::max(c, d));
+  }
+}
+
+// The gradient of one output row: g goes to the first maximum of each window (row-major).
+// (NaN windows, where max_pool2d picks the last NaN, never reach a backward here: the BD
+// statistics raise on a non-finite covariance first.)
+template <typename T>
+void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64_t wo,
+                       const Deinterleave<T>& di) {
+  using V = typename Vec<T>::type;
+  using M = typename Vec<T>::mask;
+  constexpr int L = Vec<T>::kLanes;
+  int64_t j = 0;
+  for (; j + L <= wo; j += L) {
+    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
+    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
+    const V a = __builtin_shuffle(x0, x1, di.even), b = __builtin_shuffle(x0, x1, di.odd);
+    const V c = __builtin_shuffle(y0, y1, di.even), d = __builtin_shuffle(y0, y1, di.odd);
+    const V ab = a > b ? a : b, cd = c > d ? c : d;
+    const V best = ab > cd ? ab : cd;
+    const M ta = a == best, tb = (b == best) & ~ta, tc = (c == best) & ~ta & ~tb;
+    const M td = ~(ta | tb | tc);
+    const M gm = (M)load<T>(g + j);
+    const V ga = (V)(gm & ta), gb = (V)(gm & tb), gc = (V)(gm & tc), gd = (V)(gm & td);
+    store<T>(d0 + 2 * j, __builtin_shuffle(ga, gb, di.lo));
+    store<T>(d0 + 2 * j + L, __builtin_shuffle(ga, gb, di.hi));
+    store<T>(d1 + 2 * j, __builtin_shuffle(gc, gd, di.lo));
+    store<T>(d1 + 2 * j + L, __builtin_shuffle(gc, gd, di.hi));
+  }
+  for (; j < wo; ++j) {
+    const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+    const T best = std::max(std::max(a, b), std::max(c, d));
+    const bool ta = a == best, tb = !ta && b == best, tc = !ta && !tb && c == best;
+    d0[2 * j] = ta ? g[j] : T(0);
+    d0[2 * j + 1] = tb ? g[j] : T(0);
+    d1[2 * j] = tc ? g[j] : T(0);
+    d1[2 * j + 1] = !ta && !tb && !tc ? g[j] : T(0);
+  }
+}
+
+at::Tensor max_pool_2x2(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) >= 2 && x.size(2) >= 2,
+              "max_pool_2x2: expected X (P,H,W) with H, W >= 2, got ", x.sizes());
+  const int64_t planes = x.size(0), h = x.size(1), w = x.size(2), ho = h / 2, wo = w / 2;
+  auto xc = x.contiguous();
+  auto y = at::empty({planes, ho, wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_2x2", [&] {
+    using T = scalar_t;
+    const T* xp = xc.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const Deinterleave<T> di;
+    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p = t / ho, i = t % ho;
+        const T* r0 = xp + (p * h + 2 * i) * w;
+        T* out = yp + t * wo;
+        pool_row<T>(r0, r0 + w, out, wo, di);
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor max_pool_2x2_backward(const at::Tensor& x, const at::Tensor& grad) {
+  TORCH_CHECK(x.dim() == 3 && grad.dim() == 3 && grad.size(0) == x.size(0) &&
+                  grad.size(1) == x.size(1) / 2 && grad.size(2) == x.size(2) / 2 &&
+                  grad.scalar_type() == x.scalar_type(),
+              "max_pool_2x2_backward: expected X (P,H,W) and grad (P,H/2,W/2), got ", x.sizes(),
+              " and ", grad.sizes());
+  const int64_t planes = x.size(0), h = x.size(1), w = x.size(2), ho = h / 2, wo = w / 2;
+  auto xc = x.contiguous();
+  auto gc = grad.contiguous();
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_2x2_backward", [&] {
+    using T = scalar_t;
+    const T* xp = xc.data_ptr<T>();
+    const T* gp = gc.data_ptr<T>();
+    T* dp = dx.data_ptr<T>();
+    const Deinterleave<T> di;
+    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p = t / ho, i = t % ho;
+        const int64_t off = (p * h + 2 * i) * w;
+        const T* r0 = xp + off;
+        const T* r1 = r0 + w;
+        T* d0 = dp + off;
+        T* d1 = d0 + w;
+        const T* g = gp + t * wo;
+        pool_row_backward<T>(r0, r1, g, d0, d1, wo, di);
+        if (w % 2) d0[w - 1] = d1[w - 1] = T(0);
+      }
+      // rows that no window covers (odd H) get no gradient
+      if (h % 2)
+        for (int64_t t = begin; t < end; ++t)
+          if (t % ho == ho - 1) {
+            T* last = dp + ((t / ho) * h + h - 1) * w;
+            std::fill(last, last + w, T(0));
+          }
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cenet_kernels, lib) {
@@ -772,6 +919,8 @@ TORCH_LIBRARY(cenet_kernels, lib) {
       "group_apply_pair(Tensor w1, Tensor x1, Tensor d1, Tensor w2, Tensor x2, Tensor d2,"
       " Tensor bias, Tensor(a!) out) -> ()");
   lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
+  lib.def("max_pool_2x2(Tensor x) -> Tensor");
+  lib.def("max_pool_2x2_backward(Tensor x, Tensor grad) -> Tensor");
   lib.def(
       "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
       " float scale, int group_size, Tensor(a!) out) -> ()");
@@ -782,5 +931,7 @@ TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
   lib.impl("group_gram", &group_gram);
   lib.impl("group_apply_pair", &group_apply_pair);
   lib.impl("row_moments", &row_moments);
+  lib.impl("max_pool_2x2", &max_pool_2x2);
+  lib.impl("max_pool_2x2_backward", &max_pool_2x2_backward);
   lib.impl("ce_eval", &ce_eval);
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cenet.layers._validate import (
@@ -17,6 +16,7 @@ from cenet.layers.fused_block import fused_block_usable, fused_group_block
 from cenet.layers.grouped import apply_group_transform, group_conv_weight
 from cenet.layers.moments import Moments, batch_covariance, group_moments
 from cenet.layers.newton import newton_schulz_isqrt, trace_normalize
+from cenet.layers.pooling import max_pool_2x2
 
 
 class BatchDecorrelation(nn.Module):
@@ -101,7 +101,7 @@ class BatchDecorrelation(nn.Module):
         Raises:
             ValueError: if there are fewer than 2 positions (N·H·W) to estimate from.
         """
-        xs = F.max_pool2d(x, 2, 2) if self.pool else x
+        xs = max_pool_2x2(x) if self.pool else x
         self.check_positions(xs)
         return group_moments(xs, self.group_size)
 

@@ -30,10 +30,10 @@ class ChannelEquilibrium(nn.Module):
     come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
     In training on an NCHW CPU tensor (no ``pool``, no ``identity_init``), moments, operator
     and product are one autograd node with a one-pass input gradient
-    (:mod:`cenet.layers.fused_block`). In eval, W is the running matrix, i.e. the grouped 1×1 convolution of
-    :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under ``torch.no_grad`` on
-    CPU the whole eval block (variances, gate, product) is one compiled kernel per sample
-    (:func:`cenet.kernels.ce_eval`).
+    (:mod:`cenet.layers.fused_block`). In eval, W is the running matrix, i.e. the grouped 1×1
+    convolution of :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under
+    ``torch.no_grad`` on CPU the whole eval block (variances, gate, product) is one compiled
+    kernel per sample (:func:`cenet.kernels.ce_eval`).
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
