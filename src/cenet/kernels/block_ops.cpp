@@ -100,7 +100,7 @@ struct Rows {
 // out[r0:r0+RT, p0:p0+2L] of one batch: RT rows of A (leading dimension K) times the K x 2L
 // tile of the rows. KC > 0 fixes K = KC, and the split of the rows at KS, at compile time (the
 // loop unrolled, the accumulators never leave the registers).
-template <typename T, int RT, int KC = 0, int KS = KC>
+template <typename T, int RT, int KC = 0, int KS = KC, bool ACC = false>
 inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
                         int64_t k_runtime, int64_t p0) {
   using V = typename Vec<T>::type;
@@ -128,20 +128,30 @@ inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, T* out, i
   }
   for (int r = 0; r < RT; ++r) {
     // (the bias added last: a conditional start value makes GCC keep the tile in memory)
-    const V b = splat<T>(bias ? bias[r0 + r] : T(0));
-    store<T>(out + (r0 + r) * m + p0, acc0[r] + b);
-    store<T>(out + (r0 + r) * m + p0 + L, acc1[r] + b);
+    V b0 = splat<T>(bias ? bias[r0 + r] : T(0)), b1 = b0;
+    if constexpr (ACC) {
+      b0 += load<T>(out + (r0 + r) * m + p0);
+      b1 += load<T>(out + (r0 + r) * m + p0 + L);
+    }
+    store<T>(out + (r0 + r) * m + p0, acc0[r] + b0);
+    store<T>(out + (r0 + r) * m + p0 + L, acc1[r] + b1);
   }
 }
 
 // out[r0:r0+RT, p0:p0+n] for n < kLanes tail positions, through zero-padded vectors.
-template <typename T, int RT>
+template <typename T, int RT, bool ACC>
 inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
                         int64_t k_dim, int64_t p0, int64_t n) {
   using V = typename Vec<T>::type;
   const int64_t m = src.m;
   V acc[RT];
-  for (int r = 0; r < RT; ++r) acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
+  for (int r = 0; r < RT; ++r) {
+    acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
+    if constexpr (ACC) {
+      const T* o = out + (r0 + r) * m + p0;
+      acc[r] += n == Vec<T>::kLanes ? load<T>(o) : load_partial<T>(o, n);
+    }
+  }
   for (int64_t k = 0; k < k_dim; ++k) {
     const T* row = src.row(k) + p0;
     const V xv = n == Vec<T>::kLanes ? load<T>(row) : load_partial<T>(row, n);
@@ -191,7 +201,8 @@ struct Prefetch {
 };
 
 // out[:, p_begin:p_end] = A (r_dim x k_dim) times the rows, plus bias, for one batch.
-template <typename T>
+// ACC: add to out rather than overwrite it.
+template <typename T, bool ACC = false>
 void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r_dim,
                   int64_t k_dim, int64_t p_begin, int64_t p_end, const Prefetch& pf = {}) {
   constexpr int L = Vec<T>::kLanes;
@@ -201,29 +212,29 @@ void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t
   for (int64_t s = 0; s < steps; ++s, p += 2 * L) {
     pf.part(s, steps);
     if (r_dim == 16 && k_dim == 16 && src.split == 16) {  // the default group size, unrolled
-      matmul_tile<T, 8, 16>(a, src, bias, out, 0, k_dim, p);
-      matmul_tile<T, 8, 16>(a, src, bias, out, 8, k_dim, p);
+      matmul_tile<T, 8, 16, 16, ACC>(a, src, bias, out, 0, k_dim, p);
+      matmul_tile<T, 8, 16, 16, ACC>(a, src, bias, out, 8, k_dim, p);
       continue;
     }
     if (r_dim == 16 && k_dim == 32 && src.split == 16) {  // the same, paired
-      matmul_tile<T, 8, 32, 16>(a, src, bias, out, 0, k_dim, p);
-      matmul_tile<T, 8, 32, 16>(a, src, bias, out, 8, k_dim, p);
+      matmul_tile<T, 8, 32, 16, ACC>(a, src, bias, out, 0, k_dim, p);
+      matmul_tile<T, 8, 32, 16, ACC>(a, src, bias, out, 8, k_dim, p);
       continue;
     }
     int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8>(a, src, bias, out, r, k_dim, p);
-    for (; r < r_dim; ++r) matmul_tile<T, 1>(a, src, bias, out, r, k_dim, p);
+    for (; r + 8 <= r_dim; r += 8) matmul_tile<T, 8, 0, 0, ACC>(a, src, bias, out, r, k_dim, p);
+    for (; r < r_dim; ++r) matmul_tile<T, 1, 0, 0, ACC>(a, src, bias, out, r, k_dim, p);
   }
   auto columns = [&](int64_t q, int64_t n) {  // every row, n <= L columns from q
     int64_t r = 0;
-    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8>(a, src, bias, out, r, k_dim, q, n);
-    for (; r < r_dim; ++r) matmul_tail<T, 1>(a, src, bias, out, r, k_dim, q, n);
+    for (; r + 8 <= r_dim; r += 8) matmul_tail<T, 8, ACC>(a, src, bias, out, r, k_dim, q, n);
+    for (; r < r_dim; ++r) matmul_tail<T, 1, ACC>(a, src, bias, out, r, k_dim, q, n);
   };
   if (p + L <= p_end) {  // one more full vector
     columns(p, L);
     p += L;
   }
-  if (p < p_end && p_end - p_begin >= L) {
+  if (p < p_end && p_end - p_begin >= L && !ACC) {
     // The last vector window of this range again, overlapping columns already done: they
     // get the same values, written by this thread only, and no partial loads are needed.
     columns(p_end - L, L);
@@ -329,7 +340,14 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
     const T* bp = bc.numel() ? bc.data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
     at::parallel_for(0, b_dim * chunks, 1, [&](int64_t begin, int64_t end) {
-      T a[kMaxGroup * 2 * kMaxGroup];  // [W1^T + D1 | W2 + D2], g x 2g
+      // Short rows: one product of the 2g rows of both maps, a = [W1^T + D1 | W2 + D2]
+      // (g x 2g). Long rows: 2g interleaved streams read slower than two passes of g over a
+      // range of out that stays in cache, a1 = W1^T + D1 and a2 = W2 + D2 (g x g each).
+      const bool two_pass = m >= 512;
+      const int64_t lda = two_pass ? g : 2 * g;
+      T a[kMaxGroup * 2 * kMaxGroup];
+      T* a1 = a;
+      T* a2 = two_pass ? a + g * g : a + g;
       int64_t built = -1;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / chunks, c = t % chunks;
@@ -338,12 +356,12 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
           const T* wb = w2p + (bi % groups) * g * g;
           for (int64_t r = 0; r < g; ++r)
             for (int64_t k = 0; k < g; ++k) {
-              a[r * 2 * g + k] = wa[k * g + r];
-              a[r * 2 * g + g + k] = wb[r * g + k];
+              a1[r * lda + k] = wa[k * g + r];
+              a2[r * lda + k] = wb[r * g + k];
             }
           for (int64_t r = 0; r < g; ++r) {
-            if (d1p) a[r * 2 * g + r] += d1p[bi * g + r];
-            if (d2p) a[r * 2 * g + g + r] += d2p[bi * g + r];
+            if (d1p) a1[r * lda + r] += d1p[bi * g + r];
+            if (d2p) a2[r * lda + r] += d2p[bi * g + r];
           }
           built = bi;
         }
@@ -355,8 +373,15 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
                         std::min(m, (nc + 1) * kChunk));
           pf.x2 = reinterpret_cast<const char*>(x2p + nb * g * m + nc * kChunk);
         }
-        const Rows<T> src{x1p + bi * g * m, x2p + bi * g * m, g, m};
-        matmul_range<T>(a, src, bp ? bp + bi * g : nullptr, op + bi * g * m, g, 2 * g, p0, p1, pf);
+        T* ob = op + bi * g * m;
+        const T* bb = bp ? bp + bi * g : nullptr;
+        const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
+        if (two_pass) {
+          matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, ob, g, g, p0, p1, pf);
+          matmul_range<T, true>(a2, Rows<T>{xb, xb, g, m}, nullptr, ob, g, g, p0, p1);
+        } else {
+          matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, ob, g, 2 * g, p0, p1, pf);
+        }
       }
     });
   });
