@@ -61,6 +61,10 @@ def _check_all(dtype, atol):
         ref = (x @ x.transpose(1, 2)).view(n, groups, g, g).sum(0)
         assert none is None
         torch.testing.assert_close(sym, ref, atol=atol, rtol=atol)
+        second, sums, squares = kernels.group_second_moments(x, groups)
+        torch.testing.assert_close(second, ref, atol=atol, rtol=atol)
+        torch.testing.assert_close(sums, x.sum(2), atol=atol, rtol=atol)
+        torch.testing.assert_close(squares, x.square().sum(2), atol=atol, rtol=atol)
         total, sq = kernels.row_moments(x.view(b * g, m))
         torch.testing.assert_close(total, x.view(b * g, m).sum(1), atol=atol, rtol=atol)
         torch.testing.assert_close(sq, x.view(b * g, m).square().sum(1), atol=atol, rtol=atol)

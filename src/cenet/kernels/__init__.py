@@ -17,6 +17,8 @@ Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g row
     :func:`group_apply_pair`: (W1_{b mod G}ᵀ + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b
     + c_b → (B, g, M), in one pass
     :func:`group_gram`: Σ over samples of X_b Y_bᵀ per group (G, g, g), and the diagonals
+    :func:`group_second_moments`: Σ over samples of X_b X_bᵀ per group, the row sums and sums of
+    squares, in one pass
     :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
     ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
     index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
@@ -32,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "kernels_available",
-           "kernels_usable", "row_moments"]
+__all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "group_second_moments",
+           "kernels_available", "kernels_usable", "row_moments"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
@@ -93,9 +95,10 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("cenet_kernels::group_gram")
-    def _(x, y, groups, with_diag, symmetric):
+    def _(x, y, groups, with_diag, symmetric, with_sums):
         b, g = x.shape[0], x.shape[1]
-        return x.new_empty(groups, g, g), x.new_empty(b if with_diag else 0, g)
+        return (x.new_empty(groups, g, g), x.new_empty(b if with_diag else 0, g),
+                x.new_empty(b if with_sums else 0, g))
 
     @torch.library.register_fake("cenet_kernels::ce_eval")
     def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2, scale, group_size, out):
@@ -261,12 +264,30 @@ def group_gram(
         RuntimeError: if ``x`` and ``y`` differ in shape or B is not a multiple of G.
     """
     if kernels_usable(x.shape[1], x, y):
-        total, diag = torch.ops.cenet_kernels.group_gram(x, y, groups, with_diag, symmetric)
+        total, diag, _ = torch.ops.cenet_kernels.group_gram(
+            x, y, groups, with_diag, symmetric, False
+        )
         return total, (diag if with_diag else None)
     b, g, m = x.shape
     per = torch.bmm(x, y.transpose(1, 2))
     total = per.view(b // groups, groups, g, g).sum(0)
     return total, (per.diagonal(dim1=1, dim2=2) if with_diag else None)
+
+
+def group_second_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The moments of the CE block's statistics in one pass over X (B, g, M), B = N·G:
+    Σ_n X_b X_bᵀ per group (G, g, g) and the row sums and sums of squares (B, g) of every
+    batch (no autograd; :class:`cenet.layers.moments._MomentsNCHW` wraps it).
+
+    Raises:
+        RuntimeError: if B is not a multiple of ``groups``.
+    """
+    if kernels_usable(x.shape[1], x):
+        second, squares, sums = torch.ops.cenet_kernels.group_gram(x, x, groups, True, True, True)
+        return second, sums, squares
+    b, g, m = x.shape
+    second = torch.bmm(x, x.transpose(1, 2)).view(b // groups, groups, g, g).sum(0)
+    return second, x.sum(2), torch.linalg.vector_norm(x, dim=2).square()
 
 
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,8 +11,9 @@
 //       out_b = (W_{b mod G}[^T] + Diag(diag_b)) X_b + bias_b                      (B,g,M)
 //   group_apply_pair(W1, X1, d1, W2, X2, d2, bias, out):
 //       out_b = (W1^T + Diag(d1_b)) X1_b + (W2 + Diag(d2_b)) X2_b + bias_b  (one pass)
-//   group_gram(X, Y, G, with_diag, symmetric) -> (sum_{b mod G = j} X_b Y_b^T (G,g,g),
-//       per-batch diagonals (B,g) or empty); symmetric: X is Y, half the tiles
+//   group_gram(X, Y, G, with_diag, symmetric, with_sums) -> (sum_{b mod G = j} X_b Y_b^T
+//       (G,g,g), per-batch diagonals (B,g) or empty, per-batch row sums (B,g) or empty);
+//       symmetric: X is Y, half the tiles; row sums only then (the moments in one pass)
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
 //   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad) -> dX (P,H,W):
 //       F.max_pool2d(x, 2, 2) without the index map
@@ -432,9 +433,12 @@ inline typename Vec<T>::type hsum_rows(const typename Vec<T>::type* rows) {
 // stays in registers across samples; the per-sample diagonal X_n[r] . Y_n[r] goes to
 // diag[n * diag_stride + r] if diag is given. (No lane of acc is ever indexed: that would make
 // GCC keep the tile in memory.)
-template <typename T, int RT, int KT>
+// SUMS (a tile on the diagonal of a symmetric product): also the per-sample row sums of X to
+// sums[n * diag_stride + r], from the rows already in registers.
+template <typename T, int RT, int KT, bool SUMS = false>
 void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T* out,
-               T* diag, int64_t diag_stride, int64_t r0, int64_t k0, int64_t g, int64_t m) {
+               T* diag, int64_t diag_stride, int64_t r0, int64_t k0, int64_t g, int64_t m,
+               T* sums = nullptr) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
   using Mask = typename Vec<T>::mask;
@@ -448,6 +452,8 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
   for (int64_t n = n0; n < n1; ++n) {
     const T* xn = x + n * stride;
     const T* yn = y + n * stride;
+    V rs[RT];
+    for (int r = 0; r < RT; ++r) rs[r] = V{};
     int64_t p = 0;
     for (; p + L <= m; p += L) {
       V xv[RT], yv[KT];
@@ -458,6 +464,8 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
       for (int k = 0; k < KT; ++k) asm("" : "+v"(yv[k]));
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
+      if constexpr (SUMS)
+        for (int r = 0; r < RT; ++r) rs[r] += xv[r];
     }
     if (p < m) {  // tail: the last full window with the lanes already summed masked off,
       V xv[RT], yv[KT];  // or zero-padded vectors for rows shorter than a vector
@@ -471,7 +479,11 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
       }
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
+      if constexpr (SUMS)
+        for (int r = 0; r < RT; ++r) rs[r] += xv[r];
     }
+    if constexpr (SUMS)
+      for (int r = 0; r < RT; ++r) sums[n * diag_stride + r0 + r] = hsum_tree<T>(rs[r]);
     if constexpr (RT == KT) {
       if (on_diagonal) {
         for (int r = 0; r < RT; ++r) {
@@ -490,31 +502,43 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
 
 // Adds sum_n X_n Y_n^T over samples [n0, n1) of one group to out (g, g). With symmetric, X is Y
 // and only the tiles on and above the diagonal are computed (the rest is mirrored later).
+// sums (symmetric only): the per-sample row sums too, from the diagonal tiles.
 template <typename T>
 void gram_group(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T* out, T* diag,
-                int64_t diag_stride, int64_t g, int64_t m, bool symmetric) {
+                int64_t diag_stride, int64_t g, int64_t m, bool symmetric, T* sums) {
   int64_t r = 0;
   for (; r + 4 <= g; r += 4) {
     int64_t k = symmetric ? r : 0;
-    for (; k + 4 <= g; k += 4)
-      gram_tile<T, 4, 4>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
+    for (; k + 4 <= g; k += 4) {
+      if (sums && k == r)
+        gram_tile<T, 4, 4, true>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m, sums);
+      else
+        gram_tile<T, 4, 4>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
+    }
     for (; k < g; ++k)
       gram_tile<T, 4, 1>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
   }
   for (; r < g; ++r)
-    for (int64_t k = symmetric ? r : 0; k < g; ++k)
-      gram_tile<T, 1, 1>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
+    for (int64_t k = symmetric ? r : 0; k < g; ++k) {
+      if (sums && k == r)
+        gram_tile<T, 1, 1, true>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m, sums);
+      else
+        gram_tile<T, 1, 1>(x, y, stride, n0, n1, out, diag, diag_stride, r, k, g, m);
+    }
 }
 
 // sum_G[j] = sum over b with b mod G = j of X_b Y_b^T (G,g,g); diag (B,g) the per-batch diagonals.
-std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Tensor& y,
-                                              int64_t groups, bool with_diag, bool symmetric) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
+                                                          const at::Tensor& y, int64_t groups,
+                                                          bool with_diag, bool symmetric,
+                                                          bool with_sums) {
   TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes() && x.size(1) <= kMaxGroup,
               "group_gram: expected X and Y (B,g,M) of one shape, g <= ", kMaxGroup, ", got ",
               x.sizes(), " and ", y.sizes());
   TORCH_CHECK(groups > 0 && x.size(0) % groups == 0, "group_gram: B = ", x.size(0),
               " is not a multiple of G = ", groups);
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "group_gram: dtypes differ");
+  TORCH_CHECK(!with_sums || symmetric, "group_gram: row sums need symmetric (X is Y)");
   const int64_t b_dim = x.size(0), g = x.size(1), m = x.size(2), n_dim = b_dim / groups;
   auto xc = x.contiguous();
   auto yc = y.contiguous();
@@ -528,11 +552,13 @@ std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Ten
   runs = std::min(runs, n_dim);
   auto partial = at::zeros({threads, groups, g, g}, x.options());
   auto diag = at::empty({with_diag ? b_dim : 0, g}, x.options());
+  auto sums = at::empty({with_sums ? b_dim : 0, g}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_gram", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     scalar_t* pp = partial.data_ptr<scalar_t>();
     scalar_t* dp = with_diag ? diag.data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = with_sums ? sums.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, groups * runs, 1, [&](int64_t begin, int64_t end) {
       scalar_t* acc = pp + at::get_thread_num() * groups * g * g;
       for (int64_t t = begin; t < end; ++t) {
@@ -540,13 +566,13 @@ std::tuple<at::Tensor, at::Tensor> group_gram(const at::Tensor& x, const at::Ten
         const int64_t n0 = run * n_dim / runs, n1 = (run + 1) * n_dim / runs;
         gram_group<scalar_t>(xp + j * g * m, yp + j * g * m, groups * g * m, n0, n1,
                              acc + j * g * g, dp ? dp + j * g : nullptr, groups * g, g, m,
-                             symmetric);
+                             symmetric, sp ? sp + j * g : nullptr);
       }
     });
   });
   auto total = partial.sum(0);
   if (symmetric) total = total.triu() + total.triu(1).transpose(1, 2);
-  return {total, diag};
+  return {total, diag, sums};
 }
 
 // Sum and sum of squares of one row of m elements.
@@ -938,8 +964,8 @@ TORCH_LIBRARY(cenet_kernels, lib) {
       "group_apply(Tensor w, Tensor x, Tensor diag, Tensor bias, bool transpose, Tensor(a!) out)"
       " -> ()");
   lib.def(
-      "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric)"
-      " -> (Tensor, Tensor)");
+      "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric,"
+      " bool with_sums) -> (Tensor, Tensor, Tensor)");
   lib.def(
       "group_apply_pair(Tensor w1, Tensor x1, Tensor d1, Tensor w2, Tensor x2, Tensor d2,"
       " Tensor bias, Tensor(a!) out) -> ()");

@@ -6,7 +6,7 @@ Newton iteration, IR gate, λ mixing) and the product Y_b = (W + Diag(d_b)) X_b.
 gradient then comes in two products, one through the product and one through the moments,
 summed by autograd: two passes that write a feature map and a third that adds them. Here
 
-    forward:  moments (two kernel passes) → small graph (ordinary autograd ops, kept) → product
+    forward:  moments (one kernel pass) → small graph (ordinary autograd ops, kept) → product
     backward: dW, dd = Σ_n dY_b X_bᵀ and its diagonals (one pass); the small graph's backward
               (``torch.autograd.grad`` on the kept graph); then in one pass
               dX_b = (W + Diag(d_b))ᵀ dY_b + (S + Diag(2·dsq_b / M)) X_b + dmean_b / M,
@@ -36,8 +36,7 @@ class _FusedGroupBlock(torch.autograd.Function):
                 *params: Tensor) -> Tensor:
         b, g, m = x.shape
         n = b // groups
-        total, sq = kernels.row_moments(x.reshape(b * g, m))
-        second, _ = kernels.group_gram(x, x, groups, symmetric=True)
+        second, total, sq = kernels.group_second_moments(x, groups)
         leaves = (total.view(n, groups * g).div_(m), sq.view(n, groups * g).div_(m),
                   second.div_(n * m))
         for t in leaves:

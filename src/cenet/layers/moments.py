@@ -40,7 +40,7 @@ class _MomentsNCHW(torch.autograd.Function):
     """Moments of an NCHW map viewed as (B, g, M) feature rows, B = N·G groups, M = H·W.
 
     Forward: per-row mean and mean square (B, g), and the batch second moment of each group
-    Σ_n X Xᵀ / (N·M) (G, g, g), from two passes of the compiled kernels (:mod:`cenet.kernels`).
+    Σ_n X Xᵀ / (N·M) (G, g, g), in one pass of the compiled kernels (:mod:`cenet.kernels`).
     Backward: dX_b = (S_{b mod G} + Diag(2·dsq_b / M)) X_b + dmean_b / M with
     S = (dΣ + dΣᵀ) / (N·M), one pass over the feature map. Only the input is kept for backward.
     """
@@ -50,9 +50,8 @@ class _MomentsNCHW(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.groups = groups
         b, g, m = x.shape
-        total, sq = kernels.row_moments(x.reshape(b * g, m))
-        second, _ = kernels.group_gram(x, x, groups, symmetric=True)
-        return total.view(b, g).div_(m), sq.view(b, g).div_(m), second.div_(b // groups * m)
+        second, total, sq = kernels.group_second_moments(x, groups)
+        return total.div_(m), sq.div_(m), second.div_(b // groups * m)
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, grad_sq: Tensor, grad_second: Tensor):
@@ -116,8 +115,9 @@ def group_moments(x: Tensor, group_size: int) -> Moments:
     """Spatial moments of ``x`` for groups of ``group_size`` consecutive channels.
 
     Computed in ``x``'s dtype promoted to at least float32 (also under autocast); for NCHW
-    input in two passes of the compiled kernels (row sums and squares, then the symmetric group
-    second moments), for NHWC input by a strided batched GEMM and two reductions.
+    input in one pass of the compiled kernels (the symmetric group second moments, with the
+    row sums and squares from their diagonal tiles), for NHWC input by a strided batched GEMM
+    and two reductions.
 
     Args:
         x: (N, C, H, W) feature map, NCHW or channels-last, C divisible by ``group_size``.
