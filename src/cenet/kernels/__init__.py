@@ -109,8 +109,8 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
 
     @torch.library.register_fake("cenet_kernels::max_pool_2x2_backward")
-    def _(x, grad):
-        return torch.empty_like(x)
+    def _(x, grad, accumulate, out):
+        return None
 
     @torch.library.register_fake("cenet_kernels::row_moments")
     def _(x):
@@ -127,8 +127,8 @@ def _register_fakes() -> None:
     register_flop_formula(torch.ops.cenet_kernels.group_apply)(product_flops)
     register_flop_formula(torch.ops.cenet_kernels.group_gram)(product_flops)
 
-    def pair_flops(w1_shape, x1_shape, *args, **kwargs) -> int:
-        return 2 * product_flops(w1_shape, x1_shape)
+    def pair_flops(w1_shape, x1_shape, d1_shape, w2_shape, *args, **kwargs) -> int:
+        return (1 + (len(w2_shape) > 1 and w2_shape[0] > 0)) * product_flops(w1_shape, x1_shape)
 
     register_flop_formula(torch.ops.cenet_kernels.group_apply_pair)(pair_flops)
 
@@ -212,7 +212,7 @@ def group_apply_pair(
     w1: Tensor,
     x1: Tensor,
     d1: Tensor | None,
-    w2: Tensor,
+    w2: Tensor | None,
     x2: Tensor,
     d2: Tensor | None,
     bias: Tensor | None = None,
@@ -223,7 +223,8 @@ def group_apply_pair(
     gradient: through its product, W1 = A, X1 = dY, and through its moments, X2 = X).
 
     Args:
-        w1, w2: (G, g, g) group matrices (``w1`` used transposed).
+        w1, w2: (G, g, g) group matrices (``w1`` used transposed); ``w2`` None: no W2 term,
+            the second product is the diagonal Diag(d2_b) X2_b.
         x1, x2: (B, g, M) feature rows of one shape, B = N·G.
         d1, d2: (B, g) per-batch diagonals, or None.
         bias: (B, g) per-row constants, or None.
@@ -234,17 +235,19 @@ def group_apply_pair(
     Raises:
         RuntimeError: for shapes or dtypes that do not fit.
     """
-    if kernels_usable(x1.shape[1], w1, x1, w2, x2):
+    if kernels_usable(x1.shape[1], w1, x1, x2, *([] if w2 is None else [w2])):
         none = x1.new_empty(0)
         out = torch.empty_like(x1, memory_format=torch.contiguous_format)
         torch.ops.cenet_kernels.group_apply_pair(
-            w1, x1, none if d1 is None else d1.to(x1.dtype), w2, x2,
+            w1, x1, none if d1 is None else d1.to(x1.dtype), none if w2 is None else w2, x2,
             none if d2 is None else d2.to(x1.dtype), none if bias is None else bias.to(x1.dtype),
             out,
         )
         return out
     out = group_apply(w1, x1, d1, bias, transpose=True)
-    return out.add_(group_apply(w2, x2, d2))
+    if w2 is not None:
+        return out.add_(group_apply(w2, x2, d2))
+    return out if d2 is None else out.addcmul_(x2, d2.to(x1.dtype).unsqueeze(-1))
 
 
 def group_gram(

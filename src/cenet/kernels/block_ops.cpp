@@ -15,8 +15,8 @@
 //       (G,g,g), per-batch diagonals (B,g) or empty, per-batch row sums (B,g) or empty);
 //       symmetric: X is Y, half the tiles; row sums only then (the moments in one pass)
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
-//   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad) -> dX (P,H,W):
-//       F.max_pool2d(x, 2, 2) without the index map
+//   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad, accumulate, out):
+//       F.max_pool2d(x, 2, 2) without the index map; the backward writes or adds dX to out
 //   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2, scale, g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
 //       from X_n on the way (variances, gate MLP), one sample per task
@@ -309,15 +309,33 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
   });
 }
 
+// out[r, p] += d[r] * x[r, p] for the g rows of a block, positions [p0, p1).
+template <typename T>
+void add_scaled_rows(const T* d, const T* x, T* out, int64_t g, int64_t m, int64_t p0,
+                     int64_t p1) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  for (int64_t r = 0; r < g; ++r) {
+    const V s = splat<T>(d[r]);
+    const T* xr = x + r * m;
+    T* orow = out + r * m;
+    int64_t p = p0;
+    for (; p + L <= p1; p += L) store<T>(orow + p, load<T>(orow + p) + s * load<T>(xr + p));
+    for (; p < p1; ++p) orow[p] += d[r] * xr[p];
+  }
+}
+
 // out_b = (W1_{b mod G}^T + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b + bias_b: two
 // products summed in one pass over the feature maps (the input gradient of the CE block, from
-// its product and its moments). d1, d2, bias (B,g) or empty.
+// its product and its moments). d1, d2, bias (B,g) or empty; W2 empty: no W2 term (the
+// diagonal only, an element-wise pass over the range just written).
 void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tensor& d1,
                       const at::Tensor& w2, const at::Tensor& x2, const at::Tensor& d2,
                       const at::Tensor& bias, at::Tensor& out) {
   check_group_args(w1, x1, "group_apply_pair");
-  check_group_args(w2, x2, "group_apply_pair");
-  TORCH_CHECK(x1.sizes() == x2.sizes() && w1.sizes() == w2.sizes() &&
+  const bool has_w2 = w2.numel() > 0;  // otherwise the second term is Diag(d2_b) X2_b
+  if (has_w2) check_group_args(w2, x2, "group_apply_pair");
+  TORCH_CHECK(x1.sizes() == x2.sizes() && (!has_w2 || w1.sizes() == w2.sizes()) &&
                   x1.scalar_type() == x2.scalar_type(),
               "group_apply_pair: the two products differ in shape or dtype: ", x1.sizes(), ", ",
               x2.sizes(), ", ", w1.sizes(), ", ", w2.sizes());
@@ -334,7 +352,8 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
   const int64_t chunks = (m + kChunk - 1) / kChunk;
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "group_apply_pair", [&] {
     using T = scalar_t;
-    const T *w1p = w1c.data_ptr<T>(), *w2p = w2c.data_ptr<T>();
+    const T* w1p = w1c.data_ptr<T>();
+    const T* w2p = has_w2 ? w2c.data_ptr<T>() : nullptr;
     const T *x1p = x1c.data_ptr<T>(), *x2p = x2c.data_ptr<T>();
     const T* d1p = d1c.numel() ? d1c.data_ptr<T>() : nullptr;
     const T* d2p = d2c.numel() ? d2c.data_ptr<T>() : nullptr;
@@ -344,7 +363,7 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
       // Short rows: one product of the 2g rows of both maps, a = [W1^T + D1 | W2 + D2]
       // (g x 2g). Long rows: 2g interleaved streams read slower than two passes of g over a
       // range of out that stays in cache, a1 = W1^T + D1 and a2 = W2 + D2 (g x g each).
-      const bool two_pass = m >= 512;
+      const bool two_pass = m >= 512 || !has_w2;
       const int64_t lda = two_pass ? g : 2 * g;
       T a[kMaxGroup * 2 * kMaxGroup];
       T* a1 = a;
@@ -354,11 +373,11 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
         const int64_t bi = t / chunks, c = t % chunks;
         if (bi != built) {
           const T* wa = w1p + (bi % groups) * g * g;
-          const T* wb = w2p + (bi % groups) * g * g;
+          const T* wb = has_w2 ? w2p + (bi % groups) * g * g : nullptr;
           for (int64_t r = 0; r < g; ++r)
             for (int64_t k = 0; k < g; ++k) {
               a1[r * lda + k] = wa[k * g + r];
-              a2[r * lda + k] = wb[r * g + k];
+              a2[r * lda + k] = wb ? wb[r * g + k] : T(0);
             }
           for (int64_t r = 0; r < g; ++r) {
             if (d1p) a1[r * lda + r] += d1p[bi * g + r];
@@ -377,7 +396,10 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
         T* ob = op + bi * g * m;
         const T* bb = bp ? bp + bi * g : nullptr;
         const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
-        if (two_pass) {
+        if (!has_w2) {
+          matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, ob, g, g, p0, p1, pf);
+          if (d2p) add_scaled_rows<T>(d2p + bi * g, xb, ob, g, m, p0, p1);
+        } else if (two_pass) {
           matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, ob, g, g, p0, p1, pf);
           matmul_range<T, true>(a2, Rows<T>{xb, xb, g, m}, nullptr, ob, g, g, p0, p1);
         } else {
@@ -860,7 +882,8 @@ void pool_row(const T* r0, const T* r1, T* out, int64_t wo, const Deinterleave<T
 // The gradient of one output row: g goes to the first maximum of each window (row-major).
 // (NaN windows, where max_pool2d picks the last NaN, never reach a backward here: the BD
 // statistics raise on a non-finite covariance first.)
-template <typename T>
+// ADD: add the gradient to d0, d1 rather than overwrite them.
+template <typename T, bool ADD>
 void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64_t wo,
                        const Deinterleave<T>& di) {
   using V = typename Vec<T>::type;
@@ -878,19 +901,19 @@ void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64
     const M td = ~(ta | tb | tc);
     const M gm = (M)load<T>(g + j);
     const V ga = (V)(gm & ta), gb = (V)(gm & tb), gc = (V)(gm & tc), gd = (V)(gm & td);
-    store<T>(d0 + 2 * j, __builtin_shuffle(ga, gb, di.lo));
-    store<T>(d0 + 2 * j + L, __builtin_shuffle(ga, gb, di.hi));
-    store<T>(d1 + 2 * j, __builtin_shuffle(gc, gd, di.lo));
-    store<T>(d1 + 2 * j + L, __builtin_shuffle(gc, gd, di.hi));
+    V o[4] = {__builtin_shuffle(ga, gb, di.lo), __builtin_shuffle(ga, gb, di.hi),
+              __builtin_shuffle(gc, gd, di.lo), __builtin_shuffle(gc, gd, di.hi)};
+    T* dst[4] = {d0 + 2 * j, d0 + 2 * j + L, d1 + 2 * j, d1 + 2 * j + L};
+    for (int q = 0; q < 4; ++q) store<T>(dst[q], ADD ? load<T>(dst[q]) + o[q] : o[q]);
   }
   for (; j < wo; ++j) {
     const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
     const T best = std::max(std::max(a, b), std::max(c, d));
     const bool ta = a == best, tb = !ta && b == best, tc = !ta && !tb && c == best;
-    d0[2 * j] = ta ? g[j] : T(0);
-    d0[2 * j + 1] = tb ? g[j] : T(0);
-    d1[2 * j] = tc ? g[j] : T(0);
-    d1[2 * j + 1] = !ta && !tb && !tc ? g[j] : T(0);
+    const T v[4] = {ta ? g[j] : T(0), tb ? g[j] : T(0), tc ? g[j] : T(0),
+                    !ta && !tb && !tc ? g[j] : T(0)};
+    T* dst[4] = {d0 + 2 * j, d0 + 2 * j + 1, d1 + 2 * j, d1 + 2 * j + 1};
+    for (int q = 0; q < 4; ++q) *dst[q] = ADD ? *dst[q] + v[q] : v[q];
   }
 }
 
@@ -917,21 +940,26 @@ at::Tensor max_pool_2x2(const at::Tensor& x) {
   return y;
 }
 
-at::Tensor max_pool_2x2_backward(const at::Tensor& x, const at::Tensor& grad) {
+// dX of the pooling (accumulate: added to out, which must then be X's shape; otherwise out is
+// overwritten, zeros where no window covers X).
+void max_pool_2x2_backward(const at::Tensor& x, const at::Tensor& grad, bool accumulate,
+                           at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3 && grad.dim() == 3 && grad.size(0) == x.size(0) &&
                   grad.size(1) == x.size(1) / 2 && grad.size(2) == x.size(2) / 2 &&
                   grad.scalar_type() == x.scalar_type(),
               "max_pool_2x2_backward: expected X (P,H,W) and grad (P,H/2,W/2), got ", x.sizes(),
               " and ", grad.sizes());
+  TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel() &&
+                  out.scalar_type() == x.scalar_type(),
+              "max_pool_2x2_backward: out must be contiguous, with X's size and dtype");
   const int64_t planes = x.size(0), h = x.size(1), w = x.size(2), ho = h / 2, wo = w / 2;
   auto xc = x.contiguous();
   auto gc = grad.contiguous();
-  auto dx = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_2x2_backward", [&] {
     using T = scalar_t;
     const T* xp = xc.data_ptr<T>();
     const T* gp = gc.data_ptr<T>();
-    T* dp = dx.data_ptr<T>();
+    T* dp = out.data_ptr<T>();
     const Deinterleave<T> di;
     at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -942,19 +970,17 @@ at::Tensor max_pool_2x2_backward(const at::Tensor& x, const at::Tensor& grad) {
         T* d0 = dp + off;
         T* d1 = d0 + w;
         const T* g = gp + t * wo;
-        pool_row_backward<T>(r0, r1, g, d0, d1, wo, di);
+        if (accumulate) {
+          pool_row_backward<T, true>(r0, r1, g, d0, d1, wo, di);
+          continue;
+        }
+        pool_row_backward<T, false>(r0, r1, g, d0, d1, wo, di);
         if (w % 2) d0[w - 1] = d1[w - 1] = T(0);
+        // a row that no window covers (odd H) gets no gradient
+        if (h % 2 && i == ho - 1) std::fill(d1 + w, d1 + 2 * w, T(0));
       }
-      // rows that no window covers (odd H) get no gradient
-      if (h % 2)
-        for (int64_t t = begin; t < end; ++t)
-          if (t % ho == ho - 1) {
-            T* last = dp + ((t / ho) * h + h - 1) * w;
-            std::fill(last, last + w, T(0));
-          }
     });
   });
-  return dx;
 }
 
 }  // namespace
@@ -971,7 +997,7 @@ TORCH_LIBRARY(cenet_kernels, lib) {
       " Tensor bias, Tensor(a!) out) -> ()");
   lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
   lib.def("max_pool_2x2(Tensor x) -> Tensor");
-  lib.def("max_pool_2x2_backward(Tensor x, Tensor grad) -> Tensor");
+  lib.def("max_pool_2x2_backward(Tensor x, Tensor grad, bool accumulate, Tensor(a!) out) -> ()");
   lib.def(
       "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
       " float scale, int group_size, Tensor(a!) out) -> ()");

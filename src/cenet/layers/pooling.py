@@ -28,10 +28,12 @@ class _MaxPool2x2(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         n, c, h, w = x.shape
-        grad = grad.reshape(n * c, h // 2, w // 2).to(x.dtype)
-        return torch.ops.cenet_kernels.max_pool_2x2_backward(x.view(n * c, h, w), grad).view(
-            x.shape
+        grad_x = torch.empty_like(x)
+        torch.ops.cenet_kernels.max_pool_2x2_backward(
+            x.view(n * c, h, w), grad.reshape(n * c, h // 2, w // 2).to(x.dtype), False,
+            grad_x.view(n * c, h, w),
         )
+        return grad_x
 
 
 def max_pool_2x2(x: Tensor) -> Tensor:
