@@ -33,11 +33,16 @@ def _step(block, x, grad):
 
 
 @pytest.mark.parametrize("mode", ["ce", "bd"])
+@pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("shape,group_size", [((4, 32, 5, 7), 16), ((3, 12, 8, 8), 4),
-                                              ((2, 16, 1, 1), 16)])
-def test_fused_step_matches_the_unfused_graph(monkeypatch, mode, dtype, tol, shape, group_size):
-    block = _perturbed(ChannelEquilibrium(shape[1], mode=mode, group_size=group_size).to(dtype))
+                                              ((2, 16, 1, 2), 16), ((2, 64, 9, 40), 64)])
+def test_fused_step_matches_the_unfused_graph(monkeypatch, mode, pool, dtype, tol, shape,
+                                              group_size):
+    if pool and min(shape[2:]) < 2:
+        pytest.skip("no 2x2 window to pool")
+    block = ChannelEquilibrium(shape[1], mode=mode, group_size=group_size, pool=pool)
+    block = _perturbed(block.to(dtype))
     x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
     grad = torch.randn(shape, dtype=dtype)
     y, fused = _step(copy.deepcopy(block), x, grad)
@@ -49,10 +54,11 @@ def test_fused_step_matches_the_unfused_graph(monkeypatch, mode, dtype, tol, sha
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-def test_gradcheck_of_the_fused_step_in_float64():
-    block = _perturbed(ChannelEquilibrium(8, group_size=4).double())
+@pytest.mark.parametrize("pool", [False, True])
+def test_gradcheck_of_the_fused_step_in_float64(pool):
+    block = _perturbed(ChannelEquilibrium(8, group_size=4, pool=pool).double())
     params = list(block.parameters())
-    x = torch.randn(3, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x):
         out = block(x)
@@ -62,7 +68,7 @@ def test_gradcheck_of_the_fused_step_in_float64():
     # the parameters enter through the module: gradcheck for the input gradient, central
     # differences of a scalar loss for the parameter gradients
     assert torch.autograd.gradcheck(f, (x,))
-    weights = torch.randn(3, 8, 3, 2, dtype=torch.float64)
+    weights = torch.randn(3, 8, 5, 4, dtype=torch.float64)
     block.zero_grad()
     (block(x) * weights).sum().backward()
     for p in params:
@@ -84,7 +90,6 @@ def test_gradcheck_of_the_fused_step_in_float64():
 def test_fused_step_only_where_it_applies():
     x = torch.randn(4, 16, 6, 6, requires_grad=True)
     cases = {
-        "pool": ChannelEquilibrium(16, pool=True),
         "identity_init": ChannelEquilibrium(16, identity_init=True),
         "ir": ChannelEquilibrium(16, mode="ir"),
     }

@@ -29,8 +29,8 @@ class BatchDecorrelation(nn.Module):
     ``running_wm`` (G, g, g) follows Eqn 32 with ``momentum`` and starts at I; in eval the
     branch is the fixed grouped 1×1 convolution with weight :meth:`conv_weight` (computed as a
     batched matrix product for NCHW input, which gives the same numbers several times faster
-    than a grouped convolution in NCHW on CPU). In training on an NCHW CPU tensor without
-    ``pool``, statistics, Newton and product form one autograd node whose backward makes one
+    than a grouped convolution in NCHW on CPU). In training on an NCHW CPU tensor,
+    statistics, Newton and product form one autograd node whose backward makes one
     pass for the input gradient (:mod:`cenet.layers.fused_block`); a subclass that changes
     :meth:`statistics` (for example to all-reduce them) sets ``fuse_training = False``.
 
@@ -101,14 +101,15 @@ class BatchDecorrelation(nn.Module):
         Raises:
             ValueError: if there are fewer than 2 positions (N·H·W) to estimate from.
         """
-        xs = max_pool_2x2(x) if self.pool else x
-        self.check_positions(xs)
-        return group_moments(xs, self.group_size)
+        self.check_positions(x)
+        return group_moments(max_pool_2x2(x) if self.pool else x, self.group_size)
 
-    def check_positions(self, xs: Tensor) -> None:
-        """Raise ``ValueError`` if the statistics input xs (N, C, H, W) has fewer than 2
-        positions N·H·W to estimate a covariance from."""
-        n, _, h, w = xs.shape
+    def check_positions(self, x: Tensor) -> None:
+        """Raise ``ValueError`` if the statistics of x (N, C, H, W) (after the pooling, with
+        ``pool``) have fewer than 2 positions N·H·W to estimate a covariance from."""
+        n, _, h, w = x.shape
+        if self.pool:
+            h, w = h // 2, w // 2
         if n * h * w < 2:
             raise ValueError(
                 f"BatchDecorrelation needs at least 2 positions per group in training to "
@@ -143,14 +144,14 @@ class BatchDecorrelation(nn.Module):
         check_input(x, self.num_features, type(self).__name__)
         if self.training and self.fusable(x):
             self.check_positions(x)
-            return fused_group_block(x, self.group_size, self._batch_operator, ())
+            return fused_group_block(x, self.group_size, self._batch_operator, (), pool=self.pool)
         wm = self.whitening_matrix(self.statistics(x)) if self.training else self.running_wm
         return apply_group_transform(x, wm)
 
     def fusable(self, x: Tensor) -> bool:
-        """True if training on ``x`` takes the fused node: ``fuse_training``, no ``pool``, and
+        """True if training on ``x`` takes the fused node: ``fuse_training`` and
         :func:`cenet.layers.fused_block.fused_block_usable`."""
-        return self.fuse_training and not self.pool and fused_block_usable(x, self.group_size)
+        return self.fuse_training and fused_block_usable(x, self.group_size, self.pool)
 
-    def _batch_operator(self, moments: Moments) -> tuple[Tensor, None]:
+    def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, None]:
         return self.whitening_matrix(moments), None

@@ -28,7 +28,7 @@ class ChannelEquilibrium(nn.Module):
     block-diagonal matrix per sample, A_n = λ·W + (1 − λ)·Diag(d_n) (W the group-wise BD
     matrix, d_n the IR weights), in a single batched product; the statistics of both branches
     come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
-    In training on an NCHW CPU tensor (no ``pool``, no ``identity_init``), moments, operator
+    In training on an NCHW CPU tensor (without ``identity_init``), moments, operator
     and product are one autograd node with a one-pass input gradient
     (:mod:`cenet.layers.fused_block`). In eval, W is the running matrix, i.e. the grouped 1×1
     convolution of :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under
@@ -117,7 +117,7 @@ class ChannelEquilibrium(nn.Module):
             check_input(x, self.num_features, type(self).__name__)
             self.bd.check_positions(x)
             return fused_group_block(x, self.bd.group_size, self._batch_operator,
-                                     tuple(self.parameters()))
+                                     tuple(self.parameters()), pool=self.bd.pool)
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)
@@ -163,7 +163,8 @@ class ChannelEquilibrium(nn.Module):
         (N, C), A_n = λ·W + (1 − λ)·Diag(d_n); ``None`` for a branch that is not built.
         In training this updates the running statistics."""
         if self.training and self.mode == "ce" and not self.bd.pool:
-            return self._batch_operator(self.bd.statistics(x))
+            moments = self.bd.statistics(x)
+            return self._batch_operator(moments, moments)
         moments = None
         if self.bd is None:
             wm = None
@@ -182,10 +183,11 @@ class ChannelEquilibrium(nn.Module):
             wm, diag = lam * wm, (1 - lam) * diag
         return wm, diag
 
-    def _batch_operator(self, moments: Moments) -> tuple[Tensor, Tensor]:
-        """The training operator of ``"ce"`` mode from the batch moments (statistics without
-        pooling): λ·W and (1 − λ)·d; updates the running statistics."""
+    def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, Tensor]:
+        """The training operator of ``"ce"`` mode: λ·W from the BD moments (of the pooled
+        input with ``pool``) and (1 − λ)·d from the per-sample moments of the input; updates
+        the running statistics."""
         wm = self.bd.whitening_matrix(moments)
-        diag = self.ir.channel_scale(instance_variance(moments))
+        diag = self.ir.channel_scale(instance_variance(ir_moments))
         lam = torch.sigmoid(self.theta)
         return lam * wm, (1 - lam) * diag

@@ -12,7 +12,11 @@ summed by autograd: two passes that write a feature map and a third that adds th
               dX_b = (W + Diag(d_b))ᵀ dY_b + (S + Diag(2·dsq_b / M)) X_b + dmean_b / M,
               S = (dΣ + dΣᵀ) / (N·M)  (:func:`cenet.kernels.group_apply_pair`)
 
-with the same numbers as the unfused graph. Only X and the small graph are kept for backward.
+with the same numbers as the unfused graph. With ``pool`` (paper appendix G) the BD moments
+come from the 2×2 max pooling X_s of X and the IR moments from X itself: the input gradient is
+(W + Diag(d_b))ᵀ dY_b + Diag(2·dsq_b / M) X_b + dmean_b / M in one pass, plus the pooled
+part (S + Diag(2·dsq_s / M_s)) X_s + dmean_s / M_s added back through the pooling's backward.
+Only X (and X_s) and the small graph are kept for backward.
 """
 
 from __future__ import annotations
@@ -26,25 +30,43 @@ from torch.autograd.function import once_differentiable
 from cenet import kernels
 from cenet.layers.moments import Moments
 
-#: (moments) → (W (G, g, g), d (N, C) or None): the block's small graph, built with autograd.
-Operator = Callable[[Moments], tuple[Tensor, Tensor | None]]
+#: (BD moments, IR moments) → (W (G, g, g), d (N, C) or None): the block's small graph, built
+#: with autograd. Without pooling both arguments are the same moments.
+Operator = Callable[[Moments, Moments], tuple[Tensor, Tensor | None]]
+
+
+def _moment_leaves(x: Tensor, groups: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample means and mean squares (N, C) and second moments (G, g, g) of X (B, g, M)."""
+    b, g, m = x.shape
+    second, total, sq = kernels.group_second_moments(x, groups)
+    return (total.view(n, groups * g).div_(m), sq.view(n, groups * g).div_(m),
+            second.div_(n * m))
 
 
 class _FusedGroupBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, groups: int, operator: Operator, shape: tuple[int, ...],
-                *params: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, groups: int, pool: bool, operator: Operator,
+                shape: tuple[int, ...], *params: Tensor) -> Tensor:
         b, g, m = x.shape
-        n = b // groups
-        second, total, sq = kernels.group_second_moments(x, groups)
-        leaves = (total.view(n, groups * g).div_(m), sq.view(n, groups * g).div_(m),
-                  second.div_(n * m))
+        n, c, h, w = shape
+        xs = None
+        if pool:
+            xs = torch.ops.cenet_kernels.max_pool_2x2(x.view(n * c, h, w)).view(b, g, -1)
+            bd_leaves = _moment_leaves(xs, groups, n)
+            total, sq = kernels.row_moments(x.view(b * g, m))
+            ir_leaves = (total.view(n, c).div_(m), sq.view(n, c).div_(m))
+        else:
+            bd_leaves = _moment_leaves(x, groups, n)
+            ir_leaves = ()
+        leaves = bd_leaves + ir_leaves
         for t in leaves:
             t.requires_grad_()
+        bd_moments = Moments(*bd_leaves)
+        ir_moments = Moments(*ir_leaves, None) if pool else bd_moments
         with torch.enable_grad():
-            wm, diag = operator(Moments(*leaves))
-        ctx.save_for_backward(x)
-        ctx.groups = groups
+            wm, diag = operator(bd_moments, ir_moments)
+        ctx.save_for_backward(x, xs)
+        ctx.groups, ctx.shape = groups, shape
         ctx.graph = (leaves, wm, diag, params)
         d = None if diag is None else diag.detach().reshape(b, g)
         return kernels.group_apply(wm.detach().to(x.dtype), x, d, shape=shape)
@@ -52,7 +74,7 @@ class _FusedGroupBlock(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
+        x, xs = ctx.saved_tensors
         # The small graph stays with this node (a few KiB) and is kept by autograd.grad, so
         # that a graph run backward twice (retain_graph=True, gradcheck) works as unfused.
         leaves, wm, diag, params = ctx.graph
@@ -68,40 +90,71 @@ class _FusedGroupBlock(torch.autograd.Function):
         wanted = [p for p in params if p.requires_grad]
         grads = torch.autograd.grad(outputs, [*leaves, *wanted], grad_outputs, allow_unused=True,
                                     retain_graph=True)
-        grad_mean, grad_sq, grad_second = (
-            torch.zeros_like(leaf) if gr is None else gr
-            for leaf, gr in zip(leaves, grads[:3], strict=True)
-        )
+        grad_leaves = [torch.zeros_like(leaf) if gr is None else gr
+                       for leaf, gr in zip(leaves, grads[: len(leaves)], strict=True)]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            sym = (grad_second + grad_second.transpose(1, 2)).div_(n * m).to(x.dtype)
-            d = None if diag is None else diag.detach().reshape(b, g)
-            grad_x = kernels.group_apply_pair(
-                wm.detach().to(x.dtype), grad, d, sym, x, grad_sq.reshape(b, g).mul(2 / m),
-                grad_mean.reshape(b, g).div(m),
-            )
-        rest = iter(grads[3:])
+            grad_x = _input_grad(x, xs, grad, wm.detach(), diag, grad_leaves, groups, ctx.shape)
+        rest = iter(grads[len(leaves):])
         grad_params = (next(rest) if p.requires_grad else None for p in params)
-        return (grad_x, None, None, None, *grad_params)
+        return (grad_x, None, None, None, None, *grad_params)
 
 
-def fused_block_usable(x: Tensor, group_size: int) -> bool:
+def _symmetrized(grad_second: Tensor, count: int, dtype: torch.dtype) -> Tensor:
+    """d/dX of Σ_n X Xᵀ / count through its gradient: (dΣ + dΣᵀ) / count."""
+    return (grad_second + grad_second.transpose(1, 2)).div_(count).to(dtype)
+
+
+def _input_grad(x: Tensor, xs: Tensor | None, grad: Tensor, wm: Tensor, diag: Tensor | None,
+                grad_leaves: list[Tensor], groups: int, shape: tuple[int, ...]) -> Tensor:
+    b, g, m = x.shape
+    n = b // groups
+    d = None if diag is None else diag.detach().reshape(b, g)
+    wm = wm.to(x.dtype)
+    if xs is None:
+        grad_mean, grad_sq, grad_second = grad_leaves
+        return kernels.group_apply_pair(
+            wm, grad, d, _symmetrized(grad_second, n * m, x.dtype), x,
+            grad_sq.reshape(b, g).mul(2 / m), grad_mean.reshape(b, g).div(m),
+        )
+    grad_mean_s, grad_sq_s, grad_second_s, grad_mean, grad_sq = grad_leaves
+    grad_x = kernels.group_apply_pair(
+        wm, grad, d, None, x, grad_sq.reshape(b, g).mul(2 / m), grad_mean.reshape(b, g).div(m)
+    )
+    ms = xs.shape[2]
+    grad_xs = kernels.group_apply(
+        _symmetrized(grad_second_s, n * ms, x.dtype), xs, grad_sq_s.reshape(b, g).mul(2 / ms),
+        grad_mean_s.reshape(b, g).div(ms),
+    )
+    _, c, h, w = shape
+    torch.ops.cenet_kernels.max_pool_2x2_backward(
+        x.view(n * c, h, w), grad_xs.view(n * c, h // 2, w // 2), True, grad_x.view(n * c, h, w)
+    )
+    return grad_x
+
+
+def fused_block_usable(x: Tensor, group_size: int, pool: bool = False) -> bool:
     """True if :func:`fused_group_block` takes ``x``: an NCHW-contiguous float32/float64 CPU
-    tensor, groups the compiled kernels take, and the kernels built."""
+    tensor, groups the compiled kernels take, the kernels built, and with ``pool`` a map of at
+    least 2×2."""
+    if pool and (x.shape[-1] < 2 or x.shape[-2] < 2):
+        return False
     return x.is_contiguous() and kernels.kernels_usable(group_size, x)
 
 
-def fused_group_block(x: Tensor, group_size: int, operator: Operator,
-                      params: Sequence[Tensor]) -> Tensor:
+def fused_group_block(x: Tensor, group_size: int, operator: Operator, params: Sequence[Tensor],
+                      *, pool: bool = False) -> Tensor:
     """y_n = (W + Diag(d_n)) x_n with (W, d) = operator(moments of x), as one autograd node.
 
     Args:
         x: (N, C, H, W) NCHW-contiguous input (see :func:`fused_block_usable`).
         group_size: g; C = G·g.
-        operator: builds W (G, g, g) and d (N, C) or None from the :class:`Moments` of x with
+        operator: builds W (G, g, g) and d (N, C) or None from the :class:`Moments` of the BD
+            statistics and of x (the IR statistics: ``second`` is None with ``pool``) with
             ordinary autograd ops (it may update running statistics).
         params: every tensor with ``requires_grad`` the operator uses (the module's
             parameters): their gradients are computed in backward.
+        pool: the BD moments come from 2×2 max pooling of x (paper appendix G).
 
     Returns:
         (N, C, H, W) tensor in ``x``'s dtype.
@@ -112,5 +165,5 @@ def fused_group_block(x: Tensor, group_size: int, operator: Operator,
     """
     n, c, h, w = x.shape
     groups = c // group_size
-    return _FusedGroupBlock.apply(x.reshape(n * groups, group_size, h * w), groups, operator,
-                                  (n, c, h, w), *params)
+    return _FusedGroupBlock.apply(x.reshape(n * groups, group_size, h * w), groups, pool,
+                                  operator, (n, c, h, w), *params)
