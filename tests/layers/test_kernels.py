@@ -248,3 +248,25 @@ def test_paired_product_with_a_diagonal_second_term(monkeypatch, use_kernels):
         out = kernels.group_apply_pair(w1, x1, d1, None, x2, d2, c)
         ref = _reference_apply(w1, x1, d1, c, True) + x2 * d2[..., None]
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_eval_constants_follow_parameter_and_buffer_changes(compiled):
+    block = _trained("ce", 32, torch.float32)
+    x = torch.randn(2, 32, 4, 4)
+    other = {k: v + 0.1 * torch.randn_like(v) for k, v in block.state_dict().items()}
+    outputs = []
+    with torch.no_grad():
+        outputs.append(block(x))
+        assert torch.equal(block(x), outputs[0])  # kept constants: the same numbers
+        block.theta.add_(0.5)  # an optimizer step
+        outputs.append(block(x))
+        block.load_state_dict(other)
+        outputs.append(block(x))
+        block.ir.running_inv_std.mul_(2)
+        outputs.append(block(x))
+    for i in range(1, len(outputs)):
+        assert not torch.equal(outputs[i], outputs[i - 1]), i
+    # the last output against the general path (gradients on: no fused kernel) in that state
+    with torch.enable_grad():
+        reference = block(x).detach()
+    torch.testing.assert_close(outputs[-1], reference, atol=1e-5, rtol=1e-5)

@@ -101,7 +101,7 @@ def _register_fakes() -> None:
                 x.new_empty(b if with_sums else 0, g))
 
     @torch.library.register_fake("cenet_kernels::ce_eval")
-    def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2, scale, group_size, out):
+    def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2t, scale, group_size, out):
         return None
 
     @torch.library.register_fake("cenet_kernels::max_pool_2x2")
@@ -132,7 +132,7 @@ def _register_fakes() -> None:
 
     register_flop_formula(torch.ops.cenet_kernels.group_apply_pair)(pair_flops)
 
-    def ce_eval_flops(x_shape, w_shape, fc1_shape, ln_w, ln_b, ln_eps, fc2_shape, scale,
+    def ce_eval_flops(x_shape, w_shape, fc1_shape, ln_w, ln_b, ln_eps, fc2t_shape, scale,
                       group_size, *args, **kwargs) -> int:
         n, c, m = x_shape
         gate = 2 * n * 2 * c * fc1_shape[0]  # the two gate layers, as linear layers count
@@ -312,7 +312,7 @@ def ce_eval(
     ln_weight: Tensor,
     ln_bias: Tensor,
     ln_eps: float,
-    fc2: Tensor,
+    fc2t: Tensor,
     scale: float,
     group_size: int,
 ) -> Tensor:
@@ -327,7 +327,8 @@ def ce_eval(
         x: (N, C, H, W) NCHW-contiguous input.
         wm: (C/g, g, g) BD matrices, or None (IR only).
         fc1: (Hd, C) first gate layer; ``ln_weight``, ``ln_bias``: (Hd,) LayerNorm affine;
-            ``fc2``: (C, Hd) second gate layer. All in ``x``'s dtype.
+            ``fc2t``: (Hd, C) second gate layer, transposed (the kernel adds its rows). All in
+            ``x``'s dtype.
         ln_eps: ε of the LayerNorm.
         scale: factor of the IR weights.
         group_size: g.
@@ -345,6 +346,6 @@ def ce_eval(
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     torch.ops.cenet_kernels.ce_eval(
         x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1, ln_weight, ln_bias,
-        ln_eps, fc2, scale, group_size, out,
+        ln_eps, fc2t, scale, group_size, out,
     )
     return out

@@ -17,7 +17,7 @@
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
 //   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad, accumulate, out):
 //       F.max_pool2d(x, 2, 2) without the index map; the backward writes or adds dX to out
-//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2, scale, g, out):
+//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2t, scale, g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
 //       from X_n on the way (variances, gate MLP), one sample per task
 //
@@ -742,7 +742,7 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const 
 // the product reads it from there. Otherwise all weights first, then the product split over
 // positions as in group_apply.
 void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
-             const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2,
+             const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2t,
              double scale, int64_t group_size, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3, "ce_eval: expected X (N,C,M), got ", x.sizes());
   const int64_t n_dim = x.size(0), c_dim = x.size(1), m = x.size(2), g = group_size;
@@ -753,18 +753,18 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
   TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
                          w.size(2) == g),
               "ce_eval: expected W (C/g, g, g), got ", w.sizes());
-  TORCH_CHECK(fc1.dim() == 2 && fc1.size(1) == c_dim && fc2.dim() == 2 && fc2.size(0) == c_dim &&
-                  fc2.size(1) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
-              "ce_eval: expected fc1 (Hd,C), fc2 (C,Hd), LayerNorm weights (Hd), got ",
-              fc1.sizes(), ", ", fc2.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
+  TORCH_CHECK(fc1.dim() == 2 && fc1.size(1) == c_dim && fc2t.dim() == 2 && fc2t.size(1) == c_dim &&
+                  fc2t.size(0) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
+              "ce_eval: expected fc1 (Hd,C), fc2 transposed (Hd,C), LayerNorm weights (Hd), got ",
+              fc1.sizes(), ", ", fc2t.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1, &ln_w, &ln_b,
-                                                                       &fc2, &out})
+                                                                       &fc2t, &out})
     TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "ce_eval: dtypes differ");
   TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel(),
               "ce_eval: out must be contiguous with X's number of elements");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  auto f1 = fc1.contiguous(), f2t = fc2.t().contiguous();
+  auto f1 = fc1.contiguous(), f2t = fc2t.contiguous();
   auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
   const int64_t groups = c_dim / g;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ce_eval", [&] {
@@ -999,7 +999,7 @@ TORCH_LIBRARY(cenet_kernels, lib) {
   lib.def("max_pool_2x2(Tensor x) -> Tensor");
   lib.def("max_pool_2x2_backward(Tensor x, Tensor grad, bool accumulate, Tensor(a!) out) -> ()");
   lib.def(
-      "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
+      "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
       " float scale, int group_size, Tensor(a!) out) -> ()");
 }
 
