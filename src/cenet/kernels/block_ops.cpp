@@ -248,6 +248,28 @@ void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t
 constexpr int64_t kChunk = 512;
 constexpr int64_t kMaxGroup = 64;
 
+// a (g rows, leading dimension lda) = W[^T] + Diag(d) for one group; W or d null: zeros.
+template <typename T>
+inline void build_group_matrix(T* a, int64_t lda, const T* w, bool transpose, const T* d,
+                               int64_t g) {
+  for (int64_t r = 0; r < g; ++r)
+    for (int64_t k = 0; k < g; ++k)
+      a[r * lda + k] = w ? (transpose ? w[k * g + r] : w[r * g + k]) : T(0);
+  if (d)
+    for (int64_t r = 0; r < g; ++r) a[r * lda + r] += d[r];
+}
+
+// What task t + 1 of a (block, chunk of kChunk positions) task list reads and writes, to fetch
+// ahead while task t computes; nothing after a thread's last task.
+template <typename T>
+inline Prefetch next_task(const T* x, T* out, int64_t g, int64_t m, int64_t chunks, int64_t t,
+                          int64_t end) {
+  if (t + 1 >= end) return {};
+  const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
+  return Prefetch(x + nb * g * m, out + nb * g * m, g, m, nc * kChunk,
+                  std::min(m, (nc + 1) * kChunk));
+}
+
 void check_group_args(const at::Tensor& w, const at::Tensor& x, const char* name) {
   TORCH_CHECK(w.dim() == 3 && x.dim() == 3 && w.size(1) == w.size(2) && w.size(1) == x.size(1),
               name, ": expected W (G,g,g) and X (B,g,M), got ", w.sizes(), " and ", x.sizes());
@@ -287,23 +309,14 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / chunks, c = t % chunks;
         if (bi != built) {
-          const scalar_t* wg = wp + (bi % groups) * g * g;
-          for (int64_t r = 0; r < g; ++r)
-            for (int64_t k = 0; k < g; ++k) a[r * g + k] = transpose ? wg[k * g + r] : wg[r * g + k];
-          if (dp)
-            for (int64_t r = 0; r < g; ++r) a[r * g + r] += dp[bi * g + r];
+          build_group_matrix<scalar_t>(a, g, wp + (bi % groups) * g * g, transpose,
+                                       dp ? dp + bi * g : nullptr, g);
           built = bi;
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
-        Prefetch pf;
-        if (t + 1 < end) {
-          const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
-          pf = Prefetch(xp + nb * g * m, op + nb * g * m, g, m, nc * kChunk,
-                        std::min(m, (nc + 1) * kChunk));
-        }
         const Rows<scalar_t> src{xp + bi * g * m, xp + bi * g * m, g, m};
         matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, op + bi * g * m, g, g, p0, p1,
-                               pf);
+                               next_task(xp, op, g, m, chunks, t, end));
       }
     });
   });
@@ -372,27 +385,16 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / chunks, c = t % chunks;
         if (bi != built) {
-          const T* wa = w1p + (bi % groups) * g * g;
-          const T* wb = has_w2 ? w2p + (bi % groups) * g * g : nullptr;
-          for (int64_t r = 0; r < g; ++r)
-            for (int64_t k = 0; k < g; ++k) {
-              a1[r * lda + k] = wa[k * g + r];
-              a2[r * lda + k] = wb ? wb[r * g + k] : T(0);
-            }
-          for (int64_t r = 0; r < g; ++r) {
-            if (d1p) a1[r * lda + r] += d1p[bi * g + r];
-            if (d2p) a2[r * lda + r] += d2p[bi * g + r];
-          }
+          const int64_t j = bi % groups;
+          build_group_matrix<T>(a1, lda, w1p + j * g * g, true, d1p ? d1p + bi * g : nullptr, g);
+          build_group_matrix<T>(a2, lda, has_w2 ? w2p + j * g * g : nullptr, false,
+                                d2p ? d2p + bi * g : nullptr, g);
           built = bi;
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
-        Prefetch pf;
-        if (t + 1 < end) {
-          const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
-          pf = Prefetch(x1p + nb * g * m, op + nb * g * m, g, m, nc * kChunk,
-                        std::min(m, (nc + 1) * kChunk));
-          pf.x2 = reinterpret_cast<const char*>(x2p + nb * g * m + nc * kChunk);
-        }
+        Prefetch pf = next_task(x1p, op, g, m, chunks, t, end);
+        if (pf.x)  // the same offset in the second map
+          pf.x2 = reinterpret_cast<const char*>(x2p) + (pf.x - reinterpret_cast<const char*>(x1p));
         T* ob = op + bi * g * m;
         const T* bb = bp ? bp + bi * g : nullptr;
         const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
@@ -597,9 +599,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
   return {total, diag, sums};
 }
 
-// Sum and sum of squares of one row of m elements.
+// Sums and sums of squares of one row of m elements, as vectors whose lanes are still to add.
 template <typename T>
-inline void row_sum_sq(const T* row, int64_t m, T& sum, T& sq) {
+inline void row_sum_sq_lanes(const T* row, int64_t m, typename Vec<T>::type& sum,
+                             typename Vec<T>::type& sq) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
   V s0 = splat<T>(0), s1 = s0, q0 = s0, q1 = s0;
@@ -611,13 +614,28 @@ inline void row_sum_sq(const T* row, int64_t m, T& sum, T& sq) {
     q0 += v0 * v0;
     q1 += v1 * v1;
   }
-  T s = hsum_tree<T>(s0 + s1), q = hsum_tree<T>(q0 + q1);
-  for (; p < m; ++p) {
-    s += row[p];
-    q += row[p] * row[p];
+  if (p + L <= m) {
+    const V v0 = load<T>(row + p);
+    s0 += v0;
+    q0 += v0 * v0;
+    p += L;
   }
-  sum = s;
-  sq = q;
+  if (p < m) {
+    const V v0 = load_partial<T>(row + p, m - p);
+    s1 += v0;
+    q1 += v0 * v0;
+  }
+  sum = s0 + s1;
+  sq = q0 + q1;
+}
+
+// Sum and sum of squares of one row of m elements.
+template <typename T>
+inline void row_sum_sq(const T* row, int64_t m, T& sum, T& sq) {
+  typename Vec<T>::type s, q;
+  row_sum_sq_lanes<T>(row, m, s, q);
+  sum = hsum_tree<T>(s);
+  sq = hsum_tree<T>(q);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
@@ -661,31 +679,7 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
   int64_t c = 0;
   for (; c + L <= c_dim; c += L) {
     V s[L], q[L];
-    for (int r = 0; r < L; ++r) {
-      const T* row = x + (c + r) * m;
-      V s0 = splat<T>(0), s1 = s0, q0 = s0, q1 = s0;
-      int64_t p = 0;
-      for (; p + 2 * L <= m; p += 2 * L) {
-        const V v0 = load<T>(row + p), v1 = load<T>(row + p + L);
-        s0 += v0;
-        s1 += v1;
-        q0 += v0 * v0;
-        q1 += v1 * v1;
-      }
-      if (p + L <= m) {
-        const V v0 = load<T>(row + p);
-        s0 += v0;
-        q0 += v0 * v0;
-        p += L;
-      }
-      if (p < m) {
-        const V v0 = load_partial<T>(row + p, m - p);
-        s1 += v0;
-        q1 += v0 * v0;
-      }
-      s[r] = s0 + s1;
-      q[r] = q0 + q1;
-    }
+    for (int r = 0; r < L; ++r) row_sum_sq_lanes<T>(x + (c + r) * m, m, s[r], q[r]);
     const V mean = hsum_rows<T>(s) / T(m);
     V v = hsum_rows<T>(q) / T(m) - mean * mean;
     v = v > T(0) ? v : splat<T>(0);
@@ -780,9 +774,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
     auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1,
                        const Prefetch& pf) {
       T a[kMaxGroup * kMaxGroup];
-      for (int64_t r = 0; r < g; ++r)
-        for (int64_t k = 0; k < g; ++k) a[r * g + k] = wp ? wp[(j * g + r) * g + k] : T(0);
-      for (int64_t r = 0; r < g; ++r) a[r * g + r] += d[j * g + r];
+      build_group_matrix<T>(a, g, wp ? wp + j * g * g : nullptr, false, d + j * g, g);
       const int64_t off = (n * c_dim + j * g) * m;
       matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, op + off, g, g, p0, p1, pf);
     };
@@ -824,12 +816,9 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
     at::parallel_for(0, n_dim * groups * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t % chunks, j = (t / chunks) % groups, n = t / chunks / groups;
-        Prefetch pf;
-        if (t + 1 < end) {
-          const int64_t c1 = (t + 1) % chunks, j1 = ((t + 1) / chunks) % groups;
-          pf = ahead((t + 1) / chunks / groups, j1, c1 * kChunk, std::min(m, (c1 + 1) * kChunk));
-        }
-        product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk), pf);
+        // (task t's block is (n * G + j): the layout of next_task's blocks)
+        product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk),
+                next_task(xp, op, g, m, chunks, t, end));
       }
     });
   });
@@ -855,6 +844,33 @@ struct Deinterleave {
   }
 };
 
+// The four corners of L windows from j on (rows r0, r1 of X), and their maximum.
+template <typename T>
+struct Windows {
+  using V = typename Vec<T>::type;
+  V a, b, c, d, best;
+  Windows(const T* r0, const T* r1, int64_t j, const Deinterleave<T>& di) {
+    constexpr int L = Vec<T>::kLanes;
+    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
+    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
+    a = __builtin_shuffle(x0, x1, di.even);
+    b = __builtin_shuffle(x0, x1, di.odd);
+    c = __builtin_shuffle(y0, y1, di.even);
+    d = __builtin_shuffle(y0, y1, di.odd);
+    const V ab = a > b ? a : b, cd = c > d ? c : d;
+    best = ab > cd ? ab : cd;
+  }
+};
+
+// The same for one window (the tail of a row).
+template <typename T>
+struct Window {
+  T a, b, c, d, best;
+  Window(const T* r0, const T* r1, int64_t j)
+      : a(r0[2 * j]), b(r0[2 * j + 1]), c(r1[2 * j]), d(r1[2 * j + 1]),
+        best(std::max(std::max(a, b), std::max(c, d))) {}
+};
+
 // One output row of the pooling: rows r0, r1 of X -> wo maxima (a NaN anywhere gives NaN).
 template <typename T>
 void pool_row(const T* r0, const T* r1, T* out, int64_t wo, const Deinterleave<T>& di) {
@@ -863,19 +879,14 @@ void pool_row(const T* r0, const T* r1, T* out, int64_t wo, const Deinterleave<T
   constexpr int L = Vec<T>::kLanes;
   int64_t j = 0;
   for (; j + L <= wo; j += L) {
-    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
-    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
-    const V a = __builtin_shuffle(x0, x1, di.even), b = __builtin_shuffle(x0, x1, di.odd);
-    const V c = __builtin_shuffle(y0, y1, di.even), d = __builtin_shuffle(y0, y1, di.odd);
-    const V ab = a > b ? a : b, cd = c > d ? c : d;
-    const M nan = (a != a) | (b != b) | (c != c) | (d != d);
-    const V best = ab > cd ? ab : cd;
-    store<T>(out + j, (V)((M)best | nan));  // all bits set: a NaN
+    const Windows<T> w(r0, r1, j, di);
+    const M nan = (w.a != w.a) | (w.b != w.b) | (w.c != w.c) | (w.d != w.d);
+    store<T>(out + j, (V)((M)w.best | nan));  // all bits set: a NaN
   }
   for (; j < wo; ++j) {
-    const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-    const bool nan = (a != a) | (b != b) | (c != c) | (d != d);
-    out[j] = nan ? std::numeric_limits<T>::quiet_NaN() : std::max(std::max(a, b), std::max(c, d));
+    const Window<T> w(r0, r1, j);
+    const bool nan = (w.a != w.a) | (w.b != w.b) | (w.c != w.c) | (w.d != w.d);
+    out[j] = nan ? std::numeric_limits<T>::quiet_NaN() : w.best;
   }
 }
 
@@ -891,13 +902,8 @@ void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64
   constexpr int L = Vec<T>::kLanes;
   int64_t j = 0;
   for (; j + L <= wo; j += L) {
-    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
-    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
-    const V a = __builtin_shuffle(x0, x1, di.even), b = __builtin_shuffle(x0, x1, di.odd);
-    const V c = __builtin_shuffle(y0, y1, di.even), d = __builtin_shuffle(y0, y1, di.odd);
-    const V ab = a > b ? a : b, cd = c > d ? c : d;
-    const V best = ab > cd ? ab : cd;
-    const M ta = a == best, tb = (b == best) & ~ta, tc = (c == best) & ~ta & ~tb;
+    const Windows<T> w(r0, r1, j, di);
+    const M ta = w.a == w.best, tb = (w.b == w.best) & ~ta, tc = (w.c == w.best) & ~ta & ~tb;
     const M td = ~(ta | tb | tc);
     const M gm = (M)load<T>(g + j);
     const V ga = (V)(gm & ta), gb = (V)(gm & tb), gc = (V)(gm & tc), gd = (V)(gm & td);
@@ -907,9 +913,8 @@ void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64
     for (int q = 0; q < 4; ++q) store<T>(dst[q], ADD ? load<T>(dst[q]) + o[q] : o[q]);
   }
   for (; j < wo; ++j) {
-    const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-    const T best = std::max(std::max(a, b), std::max(c, d));
-    const bool ta = a == best, tb = !ta && b == best, tc = !ta && !tb && c == best;
+    const Window<T> w(r0, r1, j);
+    const bool ta = w.a == w.best, tb = !ta && w.b == w.best, tc = !ta && !tb && w.c == w.best;
     const T v[4] = {ta ? g[j] : T(0), tb ? g[j] : T(0), tc ? g[j] : T(0),
                     !ta && !tb && !tc ? g[j] : T(0)};
     T* dst[4] = {d0 + 2 * j, d0 + 2 * j + 1, d1 + 2 * j, d1 + 2 * j + 1};
