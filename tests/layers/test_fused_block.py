@@ -128,3 +128,19 @@ def test_subclass_with_its_own_statistics_turns_fusion_off():
     block = ChannelEquilibrium(16)
     block.bd.fuse_training = False
     assert type(block(x).grad_fn).__name__ != "_FusedGroupBlockBackward"
+
+
+def test_parameter_hooks_fire_once_as_unfused(monkeypatch):
+    x = torch.randn(4, 16, 5, 5, requires_grad=True)
+    counts = []
+    for ok in (True, False):
+        monkeypatch.setitem(kernels._state, "ok", ok)
+        block = ChannelEquilibrium(16, pool=True)
+        calls = {name: 0 for name, _ in block.named_parameters()}
+        for name, p in block.named_parameters():
+            p.register_hook(lambda g, name=name, calls=calls: calls.update({name: calls[name] + 1}))
+        y = block(x)
+        assert (type(y.grad_fn).__name__ == "_FusedGroupBlockBackward") == ok
+        y.square().sum().backward()
+        counts.append(calls)
+    assert counts[0] == counts[1] and set(counts[0].values()) == {1}

@@ -144,7 +144,7 @@ class BatchDecorrelation(nn.Module):
         check_input(x, self.num_features, type(self).__name__)
         if self.training and self.fusable(x):
             self.check_positions(x)
-            return fused_group_block(x, self.group_size, self._batch_operator, (), pool=self.pool)
+            return fused_group_block(x, self.group_size, self._batch_operator, [], pool=self.pool)
         wm = self.whitening_matrix(self.statistics(x)) if self.training else self.running_wm
         return apply_group_transform(x, wm)
 

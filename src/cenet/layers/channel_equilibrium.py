@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from cenet import kernels
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
-from cenet.layers.fused_block import fused_group_block
+from cenet.layers.fused_block import fused_group_block, parameter_slots
 from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.moments import Moments, instance_variance, spatial_variance
@@ -117,7 +117,7 @@ class ChannelEquilibrium(nn.Module):
             check_input(x, self.num_features, type(self).__name__)
             self.bd.check_positions(x)
             return fused_group_block(x, self.bd.group_size, self._batch_operator,
-                                     tuple(self.parameters()), pool=self.bd.pool)
+                                     parameter_slots(self), pool=self.bd.pool)
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)

@@ -21,10 +21,11 @@ Only X (and X_s) and the small graph are kept for backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from cenet import kernels
@@ -33,6 +34,29 @@ from cenet.layers.moments import Moments
 #: (BD moments, IR moments) → (W (G, g, g), d (N, C) or None): the block's small graph, built
 #: with autograd. Without pooling both arguments are the same moments.
 Operator = Callable[[Moments, Moments], tuple[Tensor, Tensor | None]]
+
+
+#: where the small graph's parameters live: (module, name) with module.name a parameter
+Slot = tuple[nn.Module, str]
+
+
+def parameter_slots(module: nn.Module) -> list[Slot]:
+    """Every parameter of ``module`` and its submodules as (owner, name)."""
+    return [(m, name) for m in module.modules() for name, p in m._parameters.items()
+            if p is not None]
+
+
+@contextmanager
+def _substituted(slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
+    """Run with ``tensors`` in place of the parameters at ``slots`` (restored after)."""
+    saved = [owner._parameters[name] for owner, name in slots]
+    try:
+        for (owner, name), t in zip(slots, tensors, strict=True):
+            owner._parameters[name] = t
+        yield
+    finally:
+        for (owner, name), p in zip(slots, saved, strict=True):
+            owner._parameters[name] = p
 
 
 def _moment_leaves(x: Tensor, groups: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,7 +70,7 @@ def _moment_leaves(x: Tensor, groups: int, n: int) -> tuple[Tensor, Tensor, Tens
 class _FusedGroupBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, groups: int, pool: bool, operator: Operator,
-                shape: tuple[int, ...], *params: Tensor) -> Tensor:
+                shape: tuple[int, ...], slots: list[Slot], *params: Tensor) -> Tensor:
         b, g, m = x.shape
         n, c, h, w = shape
         xs = None
@@ -63,11 +87,15 @@ class _FusedGroupBlock(torch.autograd.Function):
             t.requires_grad_()
         bd_moments = Moments(*bd_leaves)
         ir_moments = Moments(*ir_leaves, None) if pool else bd_moments
-        with torch.enable_grad():
+        # The small graph on detached copies of the parameters: hooks registered on the
+        # parameters then fire once, when this node hands their gradients on, not also when
+        # backward differentiates the small graph.
+        copies = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        with torch.enable_grad(), _substituted(slots, copies):
             wm, diag = operator(bd_moments, ir_moments)
         ctx.save_for_backward(x, xs)
         ctx.groups, ctx.shape = groups, shape
-        ctx.graph = (leaves, wm, diag, params)
+        ctx.graph = (leaves, wm, diag, copies)
         d = None if diag is None else diag.detach().reshape(b, g)
         return kernels.group_apply(wm.detach().to(x.dtype), x, d, shape=shape)
 
@@ -97,7 +125,7 @@ class _FusedGroupBlock(torch.autograd.Function):
             grad_x = _input_grad(x, xs, grad, wm.detach(), diag, grad_leaves, groups, ctx.shape)
         rest = iter(grads[len(leaves):])
         grad_params = (next(rest) if p.requires_grad else None for p in params)
-        return (grad_x, None, None, None, None, *grad_params)
+        return (grad_x, None, None, None, None, None, *grad_params)
 
 
 def _symmetrized(grad_second: Tensor, count: int, dtype: torch.dtype) -> Tensor:
@@ -142,7 +170,7 @@ def fused_block_usable(x: Tensor, group_size: int, pool: bool = False) -> bool:
     return x.is_contiguous() and kernels.kernels_usable(group_size, x)
 
 
-def fused_group_block(x: Tensor, group_size: int, operator: Operator, params: Sequence[Tensor],
+def fused_group_block(x: Tensor, group_size: int, operator: Operator, slots: list[Slot],
                       *, pool: bool = False) -> Tensor:
     """y_n = (W + Diag(d_n)) x_n with (W, d) = operator(moments of x), as one autograd node.
 
@@ -152,8 +180,9 @@ def fused_group_block(x: Tensor, group_size: int, operator: Operator, params: Se
         operator: builds W (G, g, g) and d (N, C) or None from the :class:`Moments` of the BD
             statistics and of x (the IR statistics: ``second`` is None with ``pool``) with
             ordinary autograd ops (it may update running statistics).
-        params: every tensor with ``requires_grad`` the operator uses (the module's
-            parameters): their gradients are computed in backward.
+        slots: where the parameters the operator uses live (:func:`parameter_slots` of the
+            module): the operator runs with detached copies in their place, and their
+            gradients are computed in backward.
         pool: the BD moments come from 2×2 max pooling of x (paper appendix G).
 
     Returns:
@@ -165,5 +194,6 @@ def fused_group_block(x: Tensor, group_size: int, operator: Operator, params: Se
     """
     n, c, h, w = x.shape
     groups = c // group_size
+    params = [owner._parameters[name] for owner, name in slots]
     return _FusedGroupBlock.apply(x.reshape(n * groups, group_size, h * w), groups, pool,
-                                  operator, (n, c, h, w), *params)
+                                  operator, (n, c, h, w), slots, *params)
