@@ -163,7 +163,7 @@ def _trained(mode, c, dtype, **kwargs):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("mode,c,group_size", [("ce", 32, 16), ("ce", 12, 4), ("ir", 20, 16)])
-@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (1, 3), (14, 14)])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (1, 3), (14, 14), (1, 1)])
 def test_fused_eval_matches_the_general_path(compiled, monkeypatch, dtype, tol, mode, c,
                                              group_size, hw):
     block = _trained(mode, c, dtype, group_size=group_size)

@@ -681,7 +681,12 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
     V s[L], q[L];
     for (int r = 0; r < L; ++r) row_sum_sq_lanes<T>(x + (c + r) * m, m, s[r], q[r]);
     const V mean = hsum_rows<T>(s) / T(m);
-    V v = hsum_rows<T>(q) / T(m) - mean * mean;
+    // E[x^2] - E[x]^2 with E[x]^2 rounded first, as the unfused path computes it: a fused
+    // multiply-subtract would leave the rounding error of x^2 where the variance is exactly
+    // 0 (1x1 maps), and the gate's LayerNorm magnifies such noise.
+    V mean_sq = mean * mean;
+    asm("" : "+v"(mean_sq));
+    V v = hsum_rows<T>(q) / T(m) - mean_sq;
     v = v > T(0) ? v : splat<T>(0);
     store<T>(var + c, v);
   }
@@ -689,7 +694,9 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
     T s, q;
     row_sum_sq<T>(x + c * m, m, s, q);
     const T mean = s / m;
-    var[c] = std::max(q / m - mean * mean, T(0));
+    T mean_sq = mean * mean;
+    asm("" : "+x"(mean_sq));
+    var[c] = std::max(q / m - mean_sq, T(0));
   }
 }
 
