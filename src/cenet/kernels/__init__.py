@@ -20,6 +20,8 @@ Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g row
     :func:`group_second_moments`: Σ over samples of X_b X_bᵀ per group, the row sums and sums of
     squares, in one pass
     :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
+    :func:`ce_eval`: the eval-mode CE block of an (N, C, H, W) map, variances, gate and
+    product per sample (no fallback: callers check :func:`kernels_usable`)
     ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
     index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
 """
