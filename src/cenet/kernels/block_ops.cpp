@@ -720,20 +720,11 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const 
     const T rstd = T(1) / std::sqrt(v / hd + ln_eps);
     for (int64_t j = 0; j < hd; ++j) h[j] = std::max((h[j] - mu) * rstd * ln_w[j] + ln_b[j], T(0));
   }
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::kLanes;
   std::fill(d, d + samples * c_dim, T(0));
-  for (int64_t j = 0; j < hd; ++j) {
-    const T* row = fc2t + j * c_dim;
-    for (int64_t s = 0; s < samples; ++s) {
-      const T h = hid[s * hd + j];
-      if (h == T(0)) continue;  // ReLU zeros: nothing to add
-      T* ds = d + s * c_dim;
-      int64_t c = 0;
-      for (; c + L <= c_dim; c += L) store<T>(ds + c, load<T>(ds + c) + h * load<T>(row + c));
-      for (; c < c_dim; ++c) ds[c] += h * row[c];
-    }
-  }
+  for (int64_t j = 0; j < hd; ++j)
+    for (int64_t s = 0; s < samples; ++s)
+      if (hid[s * hd + j] != T(0))  // ReLU zeros: nothing to add
+        add_scaled_rows<T>(hid + s * hd + j, fc2t + j * c_dim, d + s * c_dim, 1, c_dim, 0, c_dim);
   for (int64_t i = 0; i < samples * c_dim; ++i) d[i] = scale / (T(1) + std::exp(-d[i]));
 }
 

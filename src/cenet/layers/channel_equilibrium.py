@@ -185,9 +185,6 @@ class ChannelEquilibrium(nn.Module):
         """The block's linear map: shared group matrices (G, g, g) and per-sample diagonals
         (N, C), A_n = λ·W + (1 − λ)·Diag(d_n); ``None`` for a branch that is not built.
         In training this updates the running statistics."""
-        if self.training and self.mode == "ce" and not self.bd.pool:
-            moments = self.bd.statistics(x)
-            return self._batch_operator(moments, moments)
         moments = None
         if self.bd is None:
             wm = None
@@ -201,16 +198,16 @@ class ChannelEquilibrium(nn.Module):
             use_moments = moments is not None and not self.bd.pool
             inst_var = instance_variance(moments) if use_moments else spatial_variance(x)
             diag = self.ir.channel_scale(inst_var)
-        if self.mode == "ce":
-            lam = torch.sigmoid(self.theta)
-            wm, diag = lam * wm, (1 - lam) * diag
-        return wm, diag
+        return self._mixed(wm, diag) if self.mode == "ce" else (wm, diag)
+
+    def _mixed(self, wm: Tensor, diag: Tensor) -> tuple[Tensor, Tensor]:
+        """λ·W and (1 − λ)·d (Eqn 4), λ = sigmoid(θ)."""
+        lam = torch.sigmoid(self.theta)
+        return lam * wm, (1 - lam) * diag
 
     def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, Tensor]:
         """The training operator of ``"ce"`` mode: λ·W from the BD moments (of the pooled
         input with ``pool``) and (1 − λ)·d from the per-sample moments of the input; updates
         the running statistics."""
         wm = self.bd.whitening_matrix(moments)
-        diag = self.ir.channel_scale(instance_variance(ir_moments))
-        lam = torch.sigmoid(self.theta)
-        return lam * wm, (1 - lam) * diag
+        return self._mixed(wm, self.ir.channel_scale(instance_variance(ir_moments)))
