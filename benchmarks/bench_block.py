@@ -4,7 +4,7 @@ Prints, per input shape (N, C, H, W): train forward+backward and eval forward ti
 median over rounds in which the blocks take turns), the ratio to BN+ReLU, and the memory
 autograd saves for backward (MiB, distinct storages, the block's input included).
 
-    python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--no-kernels]
+    python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--no-kernels] [--shape N C H W]
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> None:
                         help="do not keep freed memory (every large tensor is page-faulted anew)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="use torch.bmm instead of the compiled kernels (cenet.kernels)")
+    parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
+                        help="an input shape to time instead of the issue's four (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_kernels:
@@ -124,7 +126,7 @@ def main() -> None:
           f"{'on' if kernels_available() else 'off'}, median of {args.rounds} interleaved rounds")
     print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'eval ms':>8} {'x':>5} "
           f"{'saved MiB':>9} {'x':>5}")
-    for shape in SHAPES:
+    for shape in [tuple(s) for s in args.shape] if args.shape else SHAPES:
         x = torch.randn(*shape, requires_grad=True)
         blocks_ = blocks(shape[1])
         timed = time_blocks(blocks_, x, args.rounds, args.min_run_time)

@@ -258,3 +258,42 @@ def test_eval_constants_follow_parameter_and_buffer_changes(compiled):
     with torch.enable_grad():
         reference = block(x).detach()
     torch.testing.assert_close(outputs[-1], reference, atol=1e-5, rtol=1e-5)
+
+
+# Outputs of 12 MiB and more bypass the caches: computed into a buffer, then written with
+# non-temporal stores (whole blocks at once, or column ranges of long rows); rows that start off
+# a cache line, ranges with tails, and wide groups.
+LARGE = [(250, 4, 16, 197), (49, 4, 16, 1030), (21, 4, 64, 600), (4325, 4, 5, 37)]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("n,groups,g,m", LARGE)
+def test_large_outputs_match_torch(compiled, dtype, atol, n, groups, g, m):
+    torch.manual_seed(0)
+    b = n * groups
+    assert b * g * m * dtype.itemsize >= 12 * 2**20
+    w1, w2 = torch.randn(groups, g, g, dtype=dtype), torch.randn(groups, g, g, dtype=dtype)
+    x1, x2 = torch.randn(b, g, m, dtype=dtype), torch.randn(b, g, m, dtype=dtype)
+    d1, d2, c = (torch.randn(b, g, dtype=dtype) for _ in range(3))
+    out = kernels.group_apply(w1, x1, d1, c, transpose=True)
+    torch.testing.assert_close(out, _reference_apply(w1, x1, d1, c, True), atol=atol, rtol=atol)
+    out = kernels.group_apply_pair(w1, x1, d1, w2, x2, d2, c)
+    ref = _reference_apply(w1, x1, d1, c, True) + _reference_apply(w2, x2, d2, None, False)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    out = kernels.group_apply_pair(w1, x1, d1, None, x2, d2, c)
+    ref = _reference_apply(w1, x1, d1, c, True) + x2 * d2[..., None]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(1, 64, 224, 224), (16, 64, 56, 56), (32, 512, 14, 14)])
+def test_fused_eval_of_large_maps_matches_the_general_path(compiled, monkeypatch, dtype, tol,
+                                                           shape):
+    block = _trained("ce", shape[1], dtype)
+    x = torch.randn(shape, dtype=dtype) * 3 - 1
+    with torch.no_grad():
+        out = block(x)
+    monkeypatch.setitem(kernels._state, "ok", False)
+    with torch.no_grad():
+        ref = block(x)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

@@ -27,6 +27,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -90,6 +94,16 @@ inline typename Vec<T>::type splat(T s) {
 // The K rows of the right-hand side of a product, each of m elements: rows [0, split) from x,
 // rows [split, K) from x2 (two feature maps multiplied at once: out = A1 X1 + A2 X2; one map:
 // x2 = x, split = K).
+// Where element (r, p) of a product's output goes: base[r * ld + p - col0]. Straight into the
+// block of out (ld = M, col0 = 0), or into a staging buffer that holds columns [col0, col0 + ld)
+// of each row (see staged).
+template <typename T>
+struct Out {
+  T* base;
+  int64_t ld, col0;
+  T* at(int64_t r, int64_t p) const { return base + r * ld + (p - col0); }
+};
+
 template <typename T>
 struct Rows {
   const T* x;
@@ -102,7 +116,7 @@ struct Rows {
 // tile of the rows. KC > 0 fixes K = KC, and the split of the rows at KS, at compile time (the
 // loop unrolled, the accumulators never leave the registers).
 template <typename T, int RT, int KC = 0, int KS = KC, bool ACC = false>
-inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
+inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, const Out<T>& out, int64_t r0,
                         int64_t k_runtime, int64_t p0) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
@@ -130,26 +144,26 @@ inline void matmul_tile(const T* a, const Rows<T>& src, const T* bias, T* out, i
   for (int r = 0; r < RT; ++r) {
     // (the bias added last: a conditional start value makes GCC keep the tile in memory)
     V b0 = splat<T>(bias ? bias[r0 + r] : T(0)), b1 = b0;
+    T* o = out.at(r0 + r, p0);
     if constexpr (ACC) {
-      b0 += load<T>(out + (r0 + r) * m + p0);
-      b1 += load<T>(out + (r0 + r) * m + p0 + L);
+      b0 += load<T>(o);
+      b1 += load<T>(o + L);
     }
-    store<T>(out + (r0 + r) * m + p0, acc0[r] + b0);
-    store<T>(out + (r0 + r) * m + p0 + L, acc1[r] + b1);
+    store<T>(o, acc0[r] + b0);
+    store<T>(o + L, acc1[r] + b1);
   }
 }
 
 // out[r0:r0+RT, p0:p0+n] for n < kLanes tail positions, through zero-padded vectors.
 template <typename T, int RT, bool ACC>
-inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r0,
+inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, const Out<T>& out, int64_t r0,
                         int64_t k_dim, int64_t p0, int64_t n) {
   using V = typename Vec<T>::type;
-  const int64_t m = src.m;
   V acc[RT];
   for (int r = 0; r < RT; ++r) {
     acc[r] = splat<T>(bias ? bias[r0 + r] : T(0));
     if constexpr (ACC) {
-      const T* o = out + (r0 + r) * m + p0;
+      const T* o = out.at(r0 + r, p0);
       acc[r] += n == Vec<T>::kLanes ? load<T>(o) : load_partial<T>(o, n);
     }
   }
@@ -160,9 +174,9 @@ inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, T* out, i
   }
   for (int r = 0; r < RT; ++r) {
     if (n == Vec<T>::kLanes) {
-      store<T>(out + (r0 + r) * m + p0, acc[r]);
+      store<T>(out.at(r0 + r, p0), acc[r]);
     } else {
-      store_partial<T>(out + (r0 + r) * m + p0, acc[r], n);
+      store_partial<T>(out.at(r0 + r, p0), acc[r], n);
     }
   }
 }
@@ -180,7 +194,8 @@ struct Prefetch {
   Prefetch() = default;
   template <typename T>
   Prefetch(const T* xb, T* ob, int64_t rows, int64_t m, int64_t p0, int64_t p1)
-      : x(reinterpret_cast<const char*>(xb + p0)), out(reinterpret_cast<char*>(ob + p0)),
+      : x(reinterpret_cast<const char*>(xb + p0)),
+        out(ob ? reinterpret_cast<char*>(ob + p0) : nullptr),
         row_bytes(m * sizeof(T)) {
     if (p0 == 0 && p1 == m) {  // whole rows: one contiguous region
       row_lines = (rows * m * int64_t(sizeof(T)) + 63) / 64;
@@ -196,7 +211,7 @@ struct Prefetch {
       const int64_t off = (l / row_lines) * row_bytes + (l % row_lines) * 64;
       __builtin_prefetch(x + off, 0, 2);
       if (x2) __builtin_prefetch(x2 + off, 0, 2);
-      __builtin_prefetch(out + off, 1, 2);
+      if (out) __builtin_prefetch(out + off, 1, 2);
     }
   }
 };
@@ -204,7 +219,7 @@ struct Prefetch {
 // out[:, p_begin:p_end] = A (r_dim x k_dim) times the rows, plus bias, for one batch.
 // ACC: add to out rather than overwrite it.
 template <typename T, bool ACC = false>
-void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t r_dim,
+void matmul_range(const T* a, const Rows<T>& src, const T* bias, const Out<T>& out, int64_t r_dim,
                   int64_t k_dim, int64_t p_begin, int64_t p_end, const Prefetch& pf = {}) {
   constexpr int L = Vec<T>::kLanes;
   const int64_t steps = (p_end - p_begin) / (2 * L);
@@ -248,6 +263,76 @@ void matmul_range(const T* a, const Rows<T>& src, const T* bias, T* out, int64_t
 constexpr int64_t kChunk = 512;
 constexpr int64_t kMaxGroup = 64;
 
+// Outputs of at least this many bytes are written with non-temporal stores (see staged): they
+// do not fit the caches next to their inputs anyway, and ordinary stores would read every line
+// before writing it and evict the lines the next tasks read. Smaller outputs stay in cache
+// for the layer that reads them next.
+constexpr int64_t kStreamBytes = int64_t(12) << 20;
+
+inline bool stream_output(int64_t bytes) { return bytes >= kStreamBytes; }
+
+// dst[0:n] = src[0:n], the whole 64-byte lines of dst with non-temporal stores (no read of the
+// line, no cache pollution), the partial lines at either end with ordinary stores.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  constexpr int L = Vec<T>::kLanes;
+  int64_t i = 0;
+  const int64_t head = ((64 - int64_t(reinterpret_cast<uintptr_t>(dst) % 64)) % 64) / sizeof(T);
+  if (reinterpret_cast<uintptr_t>(dst) % sizeof(T) != 0 || head >= n) {
+    std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
+  std::memcpy(dst, src, head * sizeof(T));
+  for (i = head; i + L <= n; i += L) {
+#if defined(__AVX512F__)
+    const typename Vec<T>::type v = load<T>(src + i);
+    if constexpr (sizeof(T) == 4) {
+      _mm512_stream_ps(reinterpret_cast<float*>(dst + i), reinterpret_cast<const __m512&>(v));
+    } else {
+      _mm512_stream_pd(reinterpret_cast<double*>(dst + i), reinterpret_cast<const __m512d&>(v));
+    }
+#else
+    std::memcpy(dst + i, src + i, L * sizeof(T));
+#endif
+  }
+  std::memcpy(dst + i, src + i, (n - i) * sizeof(T));
+}
+
+// Orders a thread's non-temporal stores before whatever it does next (the end of a parallel
+// region, after which other threads read the output).
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// Computes rows x [p0, p1) of a block whose rows start M elements apart at out, through
+// compute(Out, q0, q1) for column ranges [q0, q1). With stream, each range is computed into a
+// buffer that stays in L1 and then written to out with non-temporal stores (whole rows at once
+// when they fit: the block is one contiguous region).
+template <typename T, typename F>
+inline void staged(T* out, int64_t rows, int64_t m, int64_t p0, int64_t p1, bool stream,
+                   F&& compute) {
+  if (!stream) {
+    compute(Out<T>{out, m, 0}, p0, p1);
+    return;
+  }
+  constexpr int64_t kStage = 32768 / sizeof(T);
+  alignas(64) T buf[kStage];
+  if (p0 == 0 && p1 == m && rows * m <= kStage) {
+    compute(Out<T>{buf, m, 0}, 0, m);
+    stream_copy<T>(out, buf, rows * m);
+    return;
+  }
+  constexpr int64_t step = 2 * Vec<T>::kLanes;
+  const int64_t width = std::max<int64_t>(step, kStage / rows / step * step);
+  for (int64_t q = p0; q < p1; q += width) {
+    const int64_t q1 = std::min(p1, q + width);
+    compute(Out<T>{buf, width, q}, q, q1);
+    for (int64_t r = 0; r < rows; ++r) stream_copy<T>(out + r * m + q, buf + r * width, q1 - q);
+  }
+}
+
 // a (g rows, leading dimension lda) = W[^T] + Diag(d) for one group; W or d null: zeros.
 template <typename T>
 inline void build_group_matrix(T* a, int64_t lda, const T* w, bool transpose, const T* d,
@@ -260,13 +345,14 @@ inline void build_group_matrix(T* a, int64_t lda, const T* w, bool transpose, co
 }
 
 // What task t + 1 of a (block, chunk of kChunk positions) task list reads and writes, to fetch
-// ahead while task t computes; nothing after a thread's last task.
+// ahead while task t computes; nothing after a thread's last task. out null: the reads only
+// (streamed outputs bypass the caches).
 template <typename T>
 inline Prefetch next_task(const T* x, T* out, int64_t g, int64_t m, int64_t chunks, int64_t t,
                           int64_t end) {
   if (t + 1 >= end) return {};
   const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
-  return Prefetch(x + nb * g * m, out + nb * g * m, g, m, nc * kChunk,
+  return Prefetch(x + nb * g * m, out ? out + nb * g * m : nullptr, g, m, nc * kChunk,
                   std::min(m, (nc + 1) * kChunk));
 }
 
@@ -297,6 +383,7 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
   auto dc = has_diag ? diag.contiguous().to(x.scalar_type()) : diag;
   auto bc = has_bias ? bias.contiguous().to(x.scalar_type()) : bias;
   const int64_t chunks = (m + kChunk - 1) / kChunk;
+  const bool stream = stream_output(out.numel() * out.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_apply", [&] {
     const scalar_t* wp = wc.data_ptr<scalar_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -315,26 +402,32 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
         const Rows<scalar_t> src{xp + bi * g * m, xp + bi * g * m, g, m};
-        matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, op + bi * g * m, g, g, p0, p1,
-                               next_task(xp, op, g, m, chunks, t, end));
+        Prefetch pf = next_task(xp, stream ? nullptr : op, g, m, chunks, t, end);
+        staged<scalar_t>(op + bi * g * m, g, m, p0, p1, stream,
+                         [&](const Out<scalar_t>& o, int64_t q0, int64_t q1) {
+                           matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, o, g, g, q0,
+                                                  q1, pf);
+                           pf = Prefetch();
+                         });
       }
+      if (stream) stream_fence();
     });
   });
 }
 
 // out[r, p] += d[r] * x[r, p] for the g rows of a block, positions [p0, p1).
 template <typename T>
-void add_scaled_rows(const T* d, const T* x, T* out, int64_t g, int64_t m, int64_t p0,
+void add_scaled_rows(const T* d, const T* x, const Out<T>& out, int64_t g, int64_t m, int64_t p0,
                      int64_t p1) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
   for (int64_t r = 0; r < g; ++r) {
     const V s = splat<T>(d[r]);
     const T* xr = x + r * m;
-    T* orow = out + r * m;
+    T* orow = out.at(r, p0);
     int64_t p = p0;
-    for (; p + L <= p1; p += L) store<T>(orow + p, load<T>(orow + p) + s * load<T>(xr + p));
-    for (; p < p1; ++p) orow[p] += d[r] * xr[p];
+    for (; p + L <= p1; p += L, orow += L) store<T>(orow, load<T>(orow) + s * load<T>(xr + p));
+    for (; p < p1; ++p, ++orow) *orow += d[r] * xr[p];
   }
 }
 
@@ -363,6 +456,7 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
   auto opt = [&](const at::Tensor& t) { return t.numel() ? t.contiguous().to(x1.scalar_type()) : t; };
   auto d1c = opt(d1), d2c = opt(d2), bc = opt(bias);
   const int64_t chunks = (m + kChunk - 1) / kChunk;
+  const bool stream = stream_output(out.numel() * out.element_size());
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "group_apply_pair", [&] {
     using T = scalar_t;
     const T* w1p = w1c.data_ptr<T>();
@@ -392,22 +486,26 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
           built = bi;
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
-        Prefetch pf = next_task(x1p, op, g, m, chunks, t, end);
+        Prefetch pf = next_task(x1p, stream ? nullptr : op, g, m, chunks, t, end);
         if (pf.x)  // the same offset in the second map
           pf.x2 = reinterpret_cast<const char*>(x2p) + (pf.x - reinterpret_cast<const char*>(x1p));
-        T* ob = op + bi * g * m;
         const T* bb = bp ? bp + bi * g : nullptr;
         const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
-        if (!has_w2) {
-          matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, ob, g, g, p0, p1, pf);
-          if (d2p) add_scaled_rows<T>(d2p + bi * g, xb, ob, g, m, p0, p1);
-        } else if (two_pass) {
-          matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, ob, g, g, p0, p1, pf);
-          matmul_range<T, true>(a2, Rows<T>{xb, xb, g, m}, nullptr, ob, g, g, p0, p1);
-        } else {
-          matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, ob, g, 2 * g, p0, p1, pf);
-        }
+        staged<T>(op + bi * g * m, g, m, p0, p1, stream,
+                  [&](const Out<T>& o, int64_t q0, int64_t q1) {
+                    if (!has_w2) {
+                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1, pf);
+                      if (d2p) add_scaled_rows<T>(d2p + bi * g, xb, o, g, m, q0, q1);
+                    } else if (two_pass) {
+                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1, pf);
+                      matmul_range<T, true>(a2, Rows<T>{xb, xb, g, m}, nullptr, o, g, g, q0, q1);
+                    } else {
+                      matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, o, g, 2 * g, q0, q1, pf);
+                    }
+                    pf = Prefetch();
+                  });
       }
+      if (stream) stream_fence();
     });
   });
 }
@@ -724,7 +822,8 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const 
   for (int64_t j = 0; j < hd; ++j)
     for (int64_t s = 0; s < samples; ++s)
       if (hid[s * hd + j] != T(0))  // ReLU zeros: nothing to add
-        add_scaled_rows<T>(hid + s * hd + j, fc2t + j * c_dim, d + s * c_dim, 1, c_dim, 0, c_dim);
+        add_scaled_rows<T>(hid + s * hd + j, fc2t + j * c_dim, Out<T>{d + s * c_dim, c_dim, 0}, 1,
+                             c_dim, 0, c_dim);
   for (int64_t i = 0; i < samples * c_dim; ++i) d[i] = scale / (T(1) + std::exp(-d[i]));
 }
 
@@ -759,6 +858,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
   auto f1 = fc1.contiguous(), f2t = fc2t.contiguous();
   auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
   const int64_t groups = c_dim / g;
+  const bool stream = stream_output(out.numel() * out.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ce_eval", [&] {
     using T = scalar_t;
     const T* xp = xc.data_ptr<T>();
@@ -769,16 +869,18 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
                   T(ln_eps), f2t.data_ptr<T>(), hd, T(scale), hid, d);
     };
     // One group of one sample, positions [p0, p1), fetching ahead what pf names.
-    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1,
-                       const Prefetch& pf) {
+    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1, Prefetch pf) {
       T a[kMaxGroup * kMaxGroup];
       build_group_matrix<T>(a, g, wp ? wp + j * g * g : nullptr, false, d + j * g, g);
       const int64_t off = (n * c_dim + j * g) * m;
-      matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, op + off, g, g, p0, p1, pf);
+      staged<T>(op + off, g, m, p0, p1, stream, [&](const Out<T>& o, int64_t q0, int64_t q1) {
+        matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, o, g, g, q0, q1, pf);
+        pf = Prefetch();
+      });
     };
     auto ahead = [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
       const int64_t off = (n * c_dim + j * g) * m;
-      return Prefetch(xp + off, op + off, g, m, p0, p1);
+      return Prefetch(xp + off, stream ? nullptr : op + off, g, m, p0, p1);
     };
     if (n_dim >= 4 * at::get_num_threads()) {
       // Samples a few at a time, so that the gate weights are read once for them when they
@@ -799,6 +901,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
               product(n0 + s, j, d + s * c_dim, 0, m,
                       j + 1 < groups ? ahead(n0 + s, j + 1, 0, m) : Prefetch());
         }
+        if (stream) stream_fence();
       });
       return;
     }
@@ -816,8 +919,9 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
         const int64_t c = t % chunks, j = (t / chunks) % groups, n = t / chunks / groups;
         // (task t's block is (n * G + j): the layout of next_task's blocks)
         product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk),
-                next_task(xp, op, g, m, chunks, t, end));
+                next_task(xp, stream ? nullptr : op, g, m, chunks, t, end));
       }
+      if (stream) stream_fence();
     });
   });
 }
