@@ -1,8 +1,10 @@
 """Speed and memory of BN+ReLU against BN+CE+ReLU (and the other blocks) on this machine.
 
 Prints, per input shape (N, C, H, W): train forward+backward and eval forward time (ms, the
-median over rounds in which the blocks take turns), the ratio to BN+ReLU, and the memory
-autograd saves for backward (MiB, distinct storages, the block's input included).
+median over rounds in which the blocks take turns), the ratio of these medians to BN+ReLU
+("x"), the median of the per-round ratios ("paired": the blocks of one round run within a
+second of each other, so a slow phase of this shared machine hits both sides of a ratio), and
+the memory autograd saves for backward (MiB, distinct storages, the block's input included).
 
     python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--no-kernels] [--shape N C H W]
 """
@@ -66,8 +68,9 @@ def _time_ms(fn, number: int) -> float:
 
 def time_blocks(
     blocks_: dict[str, nn.Module], x: torch.Tensor, rounds: int, min_run_time: float
-) -> dict[str, tuple[float, float]]:
-    """Median (train, eval) ms per block over ``rounds`` rounds that visit the blocks in turn.
+) -> dict[tuple[str, str], list[float]]:
+    """Times in ms per (block, "train" or "eval") over ``rounds`` rounds that visit the blocks
+    in turn.
 
     Interleaving the blocks within each round, rather than timing one block after the other,
     keeps slow phases of a shared machine from landing on one block only.
@@ -97,10 +100,7 @@ def time_blocks(
         for key, (block, training, fn, number) in steps.items():
             block.train(training)
             times[key].append(_time_ms(fn, number))
-    return {
-        name: (statistics.median(times[name, "train"]), statistics.median(times[name, "eval"]))
-        for name in blocks_
-    }
+    return times
 
 
 def main() -> None:
@@ -124,24 +124,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, "
           f"{'fresh' if args.fresh_memory else 'reused'} memory, compiled kernels "
           f"{'on' if kernels_available() else 'off'}, median of {args.rounds} interleaved rounds")
-    print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'eval ms':>8} {'x':>5} "
-          f"{'saved MiB':>9} {'x':>5}")
+    print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'paired':>6} {'eval ms':>8} "
+          f"{'x':>5} {'paired':>6} {'saved MiB':>9} {'x':>5}")
     for shape in [tuple(s) for s in args.shape] if args.shape else SHAPES:
         x = torch.randn(*shape, requires_grad=True)
         blocks_ = blocks(shape[1])
-        timed = time_blocks(blocks_, x, args.rounds, args.min_run_time)
-        base = None
+        times = time_blocks(blocks_, x, args.rounds, args.min_run_time)
+        first = next(iter(blocks_))
+        base_mem = None
         for name, block in blocks_.items():
             block.train()
             mem = saved_bytes(block, x) / 2**20
-            t_train, t_eval = timed[name]
-            if base is None:
-                base = (t_train, t_eval, mem)
-            print(
-                f"{str(shape):>20} {name:>12} {t_train:9.2f} {t_train / base[0]:5.2f} "
-                f"{t_eval:8.2f} {t_eval / base[1]:5.2f} {mem:9.1f} {mem / base[2]:5.2f}",
-                flush=True,
-            )
+            base_mem = base_mem or mem
+            cells = []
+            for mode in ("train", "eval"):
+                runs, ref = times[name, mode], times[first, mode]
+                med = statistics.median(runs)
+                paired = statistics.median(t / t0 for t, t0 in zip(runs, ref, strict=True))
+                width = 9 if mode == "train" else 8
+                cells.append(f"{med:{width}.2f} {med / statistics.median(ref):5.2f} {paired:6.2f}")
+            print(f"{str(shape):>20} {name:>12} {' '.join(cells)} {mem:9.1f} "
+                  f"{mem / base_mem:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
