@@ -252,6 +252,8 @@ def test_eval_constants_follow_parameter_and_buffer_changes(compiled):
         outputs.append(block(x))
         block.ir.running_inv_std.mul_(2)
         outputs.append(block(x))
+        block.ir.fc1.weight.mul_(1.5)  # either gate layer
+        outputs.append(block(x))
     for i in range(1, len(outputs)):
         assert not torch.equal(outputs[i], outputs[i - 1]), i
     # the last output against the general path (gradients on: no fused kernel) in that state
@@ -296,4 +298,24 @@ def test_fused_eval_of_large_maps_matches_the_general_path(compiled, monkeypatch
     monkeypatch.setitem(kernels._state, "ok", False)
     with torch.no_grad():
         ref = block(x)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_eval_gate_saturates_as_torch_sigmoid(compiled, monkeypatch, dtype, tol):
+    """Gate logits far out on both sides (the kernel's float exp is a polynomial with clamped
+    range): the same IR weights as torch.sigmoid."""
+    block = _trained("ir", 48, dtype)
+    with torch.no_grad():
+        block.ir.fc2.weight.mul_(200)
+    x = torch.randn(9, 48, 5, 5, dtype=dtype) * 3 - 1
+    with torch.no_grad():
+        out = block(x)
+    monkeypatch.setitem(kernels._state, "ok", False)
+    with torch.no_grad():
+        ref = block(x)
+    ir = block.ir
+    with torch.no_grad():
+        logits = ir.fc2(torch.relu(ir.norm(ir.fc1(x.var(dim=(2, 3), unbiased=False)))))
+    assert logits.min() < -90 and logits.max() > 90
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

@@ -103,7 +103,7 @@ def _register_fakes() -> None:
                 x.new_empty(b if with_sums else 0, g))
 
     @torch.library.register_fake("cenet_kernels::ce_eval")
-    def _(x, w, fc1, ln_w, ln_b, ln_eps, fc2t, scale, group_size, out):
+    def _(x, w, fc1t, ln_w, ln_b, ln_eps, fc2t, scale, group_size, out):
         return None
 
     @torch.library.register_fake("cenet_kernels::max_pool_2x2")
@@ -134,10 +134,10 @@ def _register_fakes() -> None:
 
     register_flop_formula(torch.ops.cenet_kernels.group_apply_pair)(pair_flops)
 
-    def ce_eval_flops(x_shape, w_shape, fc1_shape, ln_w, ln_b, ln_eps, fc2t_shape, scale,
+    def ce_eval_flops(x_shape, w_shape, fc1t_shape, ln_w, ln_b, ln_eps, fc2t_shape, scale,
                       group_size, *args, **kwargs) -> int:
         n, c, m = x_shape
-        gate = 2 * n * 2 * c * fc1_shape[0]  # the two gate layers, as linear layers count
+        gate = 2 * n * 2 * c * fc1t_shape[1]  # the two gate layers, as linear layers count
         return 2 * n * c * group_size * m + gate
 
     register_flop_formula(torch.ops.cenet_kernels.ce_eval)(ce_eval_flops)
@@ -310,7 +310,7 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 def ce_eval(
     x: Tensor,
     wm: Tensor | None,
-    fc1: Tensor,
+    fc1t: Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     ln_eps: float,
@@ -328,9 +328,9 @@ def ce_eval(
     Args:
         x: (N, C, H, W) NCHW-contiguous input.
         wm: (C/g, g, g) BD matrices, or None (IR only).
-        fc1: (Hd, C) first gate layer; ``ln_weight``, ``ln_bias``: (Hd,) LayerNorm affine;
-            ``fc2t``: (Hd, C) second gate layer, transposed (the kernel adds its rows). All in
-            ``x``'s dtype.
+        fc1t: (C, Hd) first gate layer, transposed; ``ln_weight``, ``ln_bias``: (Hd,) LayerNorm
+            affine; ``fc2t``: (Hd, C) second gate layer, transposed (each layer is then a
+            product of the samples' rows with its rows). All in ``x``'s dtype.
         ln_eps: ε of the LayerNorm.
         scale: factor of the IR weights.
         group_size: g.
@@ -347,7 +347,7 @@ def ce_eval(
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     torch.ops.cenet_kernels.ce_eval(
-        x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1, ln_weight, ln_bias,
+        x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1t, ln_weight, ln_bias,
         ln_eps, fc2t, scale, group_size, out,
     )
     return out

@@ -17,7 +17,7 @@
 //   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
 //   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad, accumulate, out):
 //       F.max_pool2d(x, 2, 2) without the index map; the backward writes or adds dX to out
-//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1, ln_w, ln_b, ln_eps, fc2t, scale, g, out):
+//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1t, ln_w, ln_b, ln_eps, fc2t, scale, g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
 //       from X_n on the way (variances, gate MLP), one sample per task
 //
@@ -756,21 +756,6 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
   return {sum, sq};
 }
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::kLanes;
-  V acc0 = splat<T>(0), acc1 = acc0;
-  int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    acc0 += load<T>(a + i) * load<T>(b + i);
-    acc1 += load<T>(a + i + L) * load<T>(b + i + L);
-  }
-  T s = hsum_tree<T>(acc0 + acc1);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Population variance of each of the C rows (M positions) of one sample (CE paper, Eqn 7);
 // rows in blocks of kLanes, whose vector sums are reduced together (hsum_rows).
 template <typename T>
@@ -801,17 +786,70 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
   }
 }
 
-// The IR gates of S samples (CE paper, Eqns 8, 21): h_s = ReLU(LN(fc1 var_s)) (Hd), then
-// d_s = scale * sigmoid(fc2 h_s) (C); var, d (S,C), hid (S,Hd). fc2 is given transposed (Hd,C),
-// so that the second layer adds scaled rows rather than taking C short dot products. Every
-// weight row is read once for the S samples: at C = 1024 the weights (2 MiB) outweigh a
-// sample of 14x14 positions.
+// exp(x) for float lanes (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial
+// in r, times 2^n through the exponent bits): within 2 ulp of std::exp; x below -87.3 gives
+// about 1e-38 rather than a denormal or 0, above 88.3 about 2e38 rather than inf.
+inline Vec<float>::type exp_lanes(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using I = Vec<float>::mask;
+  x = x < -87.3f ? splat<float>(-87.3f) : x;
+  x = x > 88.3f ? splat<float>(88.3f) : x;
+  const V fx = x * 1.44269504088896341f + 0.5f;
+  I n = __builtin_convertvector(fx, I);  // truncation: one too many where fx < 0
+  n -= __builtin_convertvector(n, V) > fx ? I{} + 1 : I{};
+  const V nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  V p = splat<float>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * r * r + r + 1.0f;
+  const I bits = (n + 127) << 23;
+  V pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return y * pow2n;
+}
+
+// d[i] = scale * sigmoid(d[i]) = scale / (1 + exp(-d[i])), i < n; float lanes through
+// exp_lanes, doubles (and the tail) through std::exp.
 template <typename T>
-void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const T* ln_w,
-              const T* ln_b, T ln_eps, const T* fc2t, int64_t hd, T scale, T* hid, T* d) {
-  for (int64_t j = 0; j < hd; ++j)
+void scaled_sigmoid(T* d, int64_t n, T scale) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int L = Vec<float>::kLanes;
+    for (; i + L <= n; i += L)
+      store<float>(d + i, scale / (1.0f + exp_lanes(-load<float>(d + i))));
+  }
+  for (; i < n; ++i) d[i] = scale / (T(1) + std::exp(-d[i]));
+}
+
+// out (S,N) = A (S,K) F (K,N), both row-major, for the S samples of a gate layer. With 8
+// samples or more, the tiles of matmul_range (8 samples' rows at a time, F read once for them
+// in column strips); with fewer, F's rows scaled and added in order (one contiguous pass over
+// F, which can outgrow L2, rows with a zero factor, the ReLU's zeros, skipped).
+template <typename T>
+void gate_layer(const T* a, int64_t samples, int64_t k_dim, const T* f, int64_t n, T* out) {
+  if (samples >= 8) {
+    matmul_range<T>(a, Rows<T>{f, f, k_dim, n}, nullptr, Out<T>{out, n, 0}, samples, k_dim, 0, n);
+    return;
+  }
+  std::fill(out, out + samples * n, T(0));
+  for (int64_t j = 0; j < k_dim; ++j)
     for (int64_t s = 0; s < samples; ++s)
-      hid[s * hd + j] = dot<T>(fc1 + j * c_dim, var + s * c_dim, c_dim);
+      if (a[s * k_dim + j] != T(0))
+        add_scaled_rows<T>(a + s * k_dim + j, f + j * n, Out<T>{out + s * n, n, 0}, 1, n, 0, n);
+}
+
+// The IR gates of S samples (CE paper, Eqns 8, 21): h_s = ReLU(LN(fc1 var_s)) (Hd), then
+// d_s = scale * sigmoid(fc2 h_s) (C); var, d (S,C), hid (S,Hd). Both layers are given
+// transposed, fc1t (C,Hd) and fc2t (Hd,C): each is then a product of the samples' rows with
+// the layer's rows (gate_layer).
+template <typename T>
+void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1t, const T* ln_w,
+              const T* ln_b, T ln_eps, const T* fc2t, int64_t hd, T scale, T* hid, T* d) {
+  gate_layer<T>(var, samples, c_dim, fc1t, hd, hid);
   for (int64_t s = 0; s < samples; ++s) {
     T* h = hid + s * hd;
     T mu = 0, v = 0;
@@ -821,13 +859,8 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const 
     const T rstd = T(1) / std::sqrt(v / hd + ln_eps);
     for (int64_t j = 0; j < hd; ++j) h[j] = std::max((h[j] - mu) * rstd * ln_w[j] + ln_b[j], T(0));
   }
-  std::fill(d, d + samples * c_dim, T(0));
-  for (int64_t j = 0; j < hd; ++j)
-    for (int64_t s = 0; s < samples; ++s)
-      if (hid[s * hd + j] != T(0))  // ReLU zeros: nothing to add
-        add_scaled_rows<T>(hid + s * hd + j, fc2t + j * c_dim, Out<T>{d + s * c_dim, c_dim, 0}, 1,
-                             c_dim, 0, c_dim);
-  for (int64_t i = 0; i < samples * c_dim; ++i) d[i] = scale / (T(1) + std::exp(-d[i]));
+  gate_layer<T>(hid, samples, hd, fc2t, c_dim, d);
+  scaled_sigmoid<T>(d, samples * c_dim, scale);
 }
 
 // Eval-mode CE block on X (N,C,M): out_n = (W + Diag(d_n)) X_n, d_n the IR weights of sample n
@@ -835,30 +868,31 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const 
 // thread, each thread takes whole samples: the variance pass brings a sample into cache and
 // the product reads it from there. Otherwise all weights first, then the product split over
 // positions as in group_apply.
-void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
+void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
              const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2t,
              double scale, int64_t group_size, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3, "ce_eval: expected X (N,C,M), got ", x.sizes());
   const int64_t n_dim = x.size(0), c_dim = x.size(1), m = x.size(2), g = group_size;
-  const int64_t hd = fc1.size(0);
+  TORCH_CHECK(fc1t.dim() == 2, "ce_eval: expected fc1 transposed (C,Hd), got ", fc1t.sizes());
+  const int64_t hd = fc1t.size(1);
   const bool has_w = w.numel() > 0;
   TORCH_CHECK(g > 0 && g <= kMaxGroup && c_dim % g == 0, "ce_eval: group size ", g,
               " must divide C = ", c_dim, " and be at most ", kMaxGroup);
   TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
                          w.size(2) == g),
               "ce_eval: expected W (C/g, g, g), got ", w.sizes());
-  TORCH_CHECK(fc1.dim() == 2 && fc1.size(1) == c_dim && fc2t.dim() == 2 && fc2t.size(1) == c_dim &&
+  TORCH_CHECK(fc1t.size(0) == c_dim && fc2t.dim() == 2 && fc2t.size(1) == c_dim &&
                   fc2t.size(0) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
-              "ce_eval: expected fc1 (Hd,C), fc2 transposed (Hd,C), LayerNorm weights (Hd), got ",
-              fc1.sizes(), ", ", fc2t.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1, &ln_w, &ln_b,
+              "ce_eval: expected fc1 transposed (C,Hd), fc2 transposed (Hd,C), LayerNorm weights "
+              "(Hd), got ", fc1t.sizes(), ", ", fc2t.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1t, &ln_w, &ln_b,
                                                                        &fc2t, &out})
     TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "ce_eval: dtypes differ");
   TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel(),
               "ce_eval: out must be contiguous with X's number of elements");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  auto f1 = fc1.contiguous(), f2t = fc2t.contiguous();
+  auto f1t = fc1t.contiguous(), f2t = fc2t.contiguous();
   auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
   const int64_t groups = c_dim / g;
   const bool stream = stream_output(out.numel() * out.element_size());
@@ -868,7 +902,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
     const T* wp = has_w ? wc.data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
     auto gates = [&](const T* var, int64_t samples, T* hid, T* d) {
-      ir_gates<T>(var, samples, c_dim, f1.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
+      ir_gates<T>(var, samples, c_dim, f1t.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
                   T(ln_eps), f2t.data_ptr<T>(), hd, T(scale), hid, d);
     };
     // One group of one sample, positions [p0, p1), fetching ahead what pf names.
@@ -1110,7 +1144,7 @@ TORCH_LIBRARY(cenet_kernels, lib) {
   lib.def("max_pool_2x2(Tensor x) -> Tensor");
   lib.def("max_pool_2x2_backward(Tensor x, Tensor grad, bool accumulate, Tensor(a!) out) -> ()");
   lib.def(
-      "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
+      "ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
       " float scale, int group_size, Tensor(a!) out) -> ()");
 }
 

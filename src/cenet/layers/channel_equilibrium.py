@@ -149,19 +149,18 @@ class ChannelEquilibrium(nn.Module):
         weights = (ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight)
         if not kernels.kernels_usable(group_size, x, *weights):
             return None
-        wm, scale, fc2t = self._eval_constants(x.dtype)
+        wm, scale, fc1t, fc2t = self._eval_constants(x.dtype)
         return kernels.ce_eval(
-            x, wm, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale,
-            group_size,
+            x, wm, fc1t, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale, group_size
         )
 
-    def _eval_constants(self, dtype: torch.dtype) -> tuple[Tensor | None, float, Tensor]:
-        """λ·W_run (G, g, g) or None, (1 − λ)·ŝ^{-1/2} and the transposed second gate layer
-        (C/r, C) for the eval kernel, kept until a parameter or running buffer they come from
-        changes (tensor identity, storage and version counter: in-place updates such as an
-        optimizer step or ``load_state_dict`` count)."""
+    def _eval_constants(self, dtype: torch.dtype) -> tuple[Tensor | None, float, Tensor, Tensor]:
+        """λ·W_run (G, g, g) or None, (1 − λ)·ŝ^{-1/2} and the two gate layers transposed,
+        (C, C/r) and (C/r, C), for the eval kernel, kept until a parameter or running buffer
+        they come from changes (tensor identity, storage and version counter: in-place updates
+        such as an optimizer step or ``load_state_dict`` count)."""
         ir = self.ir
-        sources = [ir.running_inv_std, ir.fc2.weight]
+        sources = [ir.running_inv_std, ir.fc1.weight, ir.fc2.weight]
         if self.bd is not None:
             sources += [self.theta, self.bd.running_wm]
         # (a module built under inference_mode has inference tensors: no version counter, so
@@ -177,7 +176,8 @@ class ChannelEquilibrium(nn.Module):
             if self.bd is not None:
                 lam = torch.sigmoid(self.theta)
                 wm, scale = (lam * self.bd.running_wm).to(dtype), (1 - lam) * scale
-            value = (wm, float(scale), ir.fc2.weight.t().contiguous().to(dtype))
+            value = (wm, float(scale), ir.fc1.weight.t().contiguous().to(dtype),
+                     ir.fc2.weight.t().contiguous().to(dtype))
         self.__dict__["_eval_cache"] = (key, value)
         return value
 
