@@ -19,7 +19,7 @@
 //       F.max_pool2d(x, 2, 2) without the index map; the backward writes or adds dX to out
 //   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1t, ln_w, ln_b, ln_eps, fc2t, scale, g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
-//       from X_n on the way (variances, gate MLP), one sample per task
+//       from X_n on the way (variances, gate MLP), a few samples per task
 //
 // Products whose output is 12 MiB or more write it with non-temporal stores (staged): tuned on
 // a 2-vCPU VM whose share of the L3 cache holds 8-16 MiB.
@@ -94,9 +94,6 @@ inline typename Vec<T>::type splat(T s) {
 }
 
 
-// The K rows of the right-hand side of a product, each of m elements: rows [0, split) from x,
-// rows [split, K) from x2 (two feature maps multiplied at once: out = A1 X1 + A2 X2; one map:
-// x2 = x, split = K).
 // Where element (r, p) of a product's output goes: base[r * ld + p - col0]. Straight into the
 // block of out (ld = M, col0 = 0), or into a staging buffer that holds columns [col0, col0 + ld)
 // of each row (see staged).
@@ -107,6 +104,9 @@ struct Out {
   T* at(int64_t r, int64_t p) const { return base + r * ld + (p - col0); }
 };
 
+// The K rows of the right-hand side of a product, each of m elements: rows [0, split) from x,
+// rows [split, K) from x2 (two feature maps multiplied at once: out = A1 X1 + A2 X2; one map:
+// x2 = x, split = K).
 template <typename T>
 struct Rows {
   const T* x;
@@ -310,20 +310,21 @@ inline void stream_fence() {
 }
 
 // Computes rows x [p0, p1) of a block whose rows start M elements apart at out, through
-// compute(Out, q0, q1) for column ranges [q0, q1). With stream, each range is computed into a
-// buffer that stays in L1 and then written to out with non-temporal stores (whole rows at once
-// when they fit: the block is one contiguous region).
+// compute(Out, q0, q1, Prefetch) for column ranges [q0, q1); the first range gets pf (what to
+// fetch ahead while it computes), later ones nothing. With stream, each range is computed into
+// a buffer that stays in L1 and then written to out with non-temporal stores (whole rows at
+// once when they fit: the block is one contiguous region).
 template <typename T, typename F>
 inline void staged(T* out, int64_t rows, int64_t m, int64_t p0, int64_t p1, bool stream,
-                   F&& compute) {
+                   const Prefetch& pf, F&& compute) {
   if (!stream) {
-    compute(Out<T>{out, m, 0}, p0, p1);
+    compute(Out<T>{out, m, 0}, p0, p1, pf);
     return;
   }
   constexpr int64_t kStage = 32768 / sizeof(T);
   alignas(64) T buf[kStage];
   if (p0 == 0 && p1 == m && rows * m <= kStage) {
-    compute(Out<T>{buf, m, 0}, 0, m);
+    compute(Out<T>{buf, m, 0}, 0, m, pf);
     stream_copy<T>(out, buf, rows * m);
     return;
   }
@@ -331,7 +332,7 @@ inline void staged(T* out, int64_t rows, int64_t m, int64_t p0, int64_t p1, bool
   const int64_t width = std::max<int64_t>(step, kStage / rows / step * step);
   for (int64_t q = p0; q < p1; q += width) {
     const int64_t q1 = std::min(p1, q + width);
-    compute(Out<T>{buf, width, q}, q, q1);
+    compute(Out<T>{buf, width, q}, q, q1, q == p0 ? pf : Prefetch());
     for (int64_t r = 0; r < rows; ++r) stream_copy<T>(out + r * m + q, buf + r * width, q1 - q);
   }
 }
@@ -405,12 +406,11 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
         const Rows<scalar_t> src{xp + bi * g * m, xp + bi * g * m, g, m};
-        Prefetch pf = next_task(xp, stream ? nullptr : op, g, m, chunks, t, end);
         staged<scalar_t>(op + bi * g * m, g, m, p0, p1, stream,
-                         [&](const Out<scalar_t>& o, int64_t q0, int64_t q1) {
+                         next_task(xp, stream ? nullptr : op, g, m, chunks, t, end),
+                         [&](const Out<scalar_t>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
                            matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, o, g, g, q0,
                                                   q1, pf);
-                           pf = Prefetch();
                          });
       }
       if (stream) stream_fence();
@@ -489,13 +489,14 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
           built = bi;
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
-        Prefetch pf = next_task(x1p, stream ? nullptr : op, g, m, chunks, t, end);
-        if (pf.x)  // the same offset in the second map
-          pf.x2 = reinterpret_cast<const char*>(x2p) + (pf.x - reinterpret_cast<const char*>(x1p));
+        Prefetch ahead = next_task(x1p, stream ? nullptr : op, g, m, chunks, t, end);
+        if (ahead.x)  // the same offset in the second map
+          ahead.x2 =
+              reinterpret_cast<const char*>(x2p) + (ahead.x - reinterpret_cast<const char*>(x1p));
         const T* bb = bp ? bp + bi * g : nullptr;
         const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
-        staged<T>(op + bi * g * m, g, m, p0, p1, stream,
-                  [&](const Out<T>& o, int64_t q0, int64_t q1) {
+        staged<T>(op + bi * g * m, g, m, p0, p1, stream, ahead,
+                  [&](const Out<T>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
                     if (!has_w2) {
                       matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1, pf);
                       if (d2p) add_scaled_rows<T>(d2p + bi * g, xb, o, g, m, q0, q1);
@@ -505,7 +506,6 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
                     } else {
                       matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, o, g, 2 * g, q0, q1, pf);
                     }
-                    pf = Prefetch();
                   });
       }
       if (stream) stream_fence();
@@ -906,14 +906,16 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
                   T(ln_eps), f2t.data_ptr<T>(), hd, T(scale), hid, d);
     };
     // One group of one sample, positions [p0, p1), fetching ahead what pf names.
-    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1, Prefetch pf) {
+    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1,
+                       const Prefetch& ahead_pf) {
       T a[kMaxGroup * kMaxGroup];
       build_group_matrix<T>(a, g, wp ? wp + j * g * g : nullptr, false, d + j * g, g);
       const int64_t off = (n * c_dim + j * g) * m;
-      staged<T>(op + off, g, m, p0, p1, stream, [&](const Out<T>& o, int64_t q0, int64_t q1) {
-        matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, o, g, g, q0, q1, pf);
-        pf = Prefetch();
-      });
+      staged<T>(op + off, g, m, p0, p1, stream, ahead_pf,
+                [&](const Out<T>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
+                  matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, o, g, g, q0, q1,
+                                  pf);
+                });
     };
     auto ahead = [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
       const int64_t off = (n * c_dim + j * g) * m;
@@ -967,6 +969,7 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
 // 2x2 max pooling with stride 2 of X (P,H,W) -> (P,H/2,W/2) (the BD statistics of the CE
 // paper, appendix G), and its backward: the gradient goes to the first maximum of the window
 // in row-major order, as at::max_pool2d chooses it.
+
 // Even and odd elements of 2L consecutive ones (v0, v1), and the inverse interleave.
 template <typename T>
 struct Deinterleave {
