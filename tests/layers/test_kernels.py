@@ -262,15 +262,37 @@ def test_eval_constants_follow_parameter_and_buffer_changes(compiled):
     torch.testing.assert_close(outputs[-1], reference, atol=1e-5, rtol=1e-5)
 
 
-# Outputs of 12 MiB and more bypass the caches: computed into a buffer, then written with
-# non-temporal stores (whole blocks at once, or column ranges of long rows); rows that start off
-# a cache line, ranges with tails, and wide groups.
+def test_stream_threshold_reads_and_sets(compiled):
+    default = kernels.stream_threshold()
+    assert default >= 12 * 2**20
+    try:
+        assert kernels.stream_threshold(0) == default
+        assert kernels.stream_threshold() == 0
+    finally:
+        kernels.stream_threshold(default)
+    assert kernels.stream_threshold() == default
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        kernels.stream_threshold(-1)
+
+
+@pytest.fixture(params=["streamed", "cached"])
+def streaming(request, compiled):
+    """Outputs of 12 MiB and more written with non-temporal stores, or none (the default
+    threshold depends on the machine's last-level cache)."""
+    old = kernels.stream_threshold(12 * 2**20 if request.param == "streamed" else 2**62)
+    yield request.param
+    kernels.stream_threshold(old)
+
+
+# Streamed outputs are computed into a buffer, then written with non-temporal stores (whole
+# blocks at once, or column ranges of long rows); rows that start off a cache line, ranges with
+# tails, and wide groups.
 LARGE = [(250, 4, 16, 197), (49, 4, 16, 1030), (21, 4, 64, 600), (4325, 4, 5, 37)]
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
 @pytest.mark.parametrize("n,groups,g,m", LARGE)
-def test_large_outputs_match_torch(compiled, dtype, atol, n, groups, g, m):
+def test_large_outputs_match_torch(streaming, dtype, atol, n, groups, g, m):
     torch.manual_seed(0)
     b = n * groups
     assert b * g * m * dtype.itemsize >= 12 * 2**20
@@ -289,7 +311,7 @@ def test_large_outputs_match_torch(compiled, dtype, atol, n, groups, g, m):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("shape", [(1, 64, 224, 224), (16, 64, 56, 56), (32, 512, 14, 14)])
-def test_fused_eval_of_large_maps_matches_the_general_path(compiled, monkeypatch, dtype, tol,
+def test_fused_eval_of_large_maps_matches_the_general_path(streaming, monkeypatch, dtype, tol,
                                                            shape):
     block = _trained("ce", shape[1], dtype)
     x = torch.randn(shape, dtype=dtype) * 3 - 1

@@ -22,6 +22,7 @@ Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g row
     :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
     :func:`ce_eval`: the eval-mode CE block of an (N, C, H, W) map, variances, gate and
     product per sample (no fallback: callers check :func:`kernels_usable`)
+    :func:`stream_threshold`: outputs of this many bytes and more bypass the caches
     ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
     index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
 """
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "group_second_moments",
-           "kernels_available", "kernels_usable", "row_moments"]
+           "kernels_available", "kernels_usable", "row_moments", "stream_threshold"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
@@ -159,6 +160,29 @@ def kernels_usable(group_size: int, *tensors: Tensor) -> bool:
         if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dtype != tensors[0].dtype:
             return False
     return kernels_available()
+
+
+def stream_threshold(nbytes: int | None = None) -> int:
+    """The output size in bytes from which the compiled products write their output with
+    non-temporal stores (bypassing the caches, for outputs that would evict their own inputs):
+    by default half the last-level cache the machine reports, at least 12 MiB.
+
+    Args:
+        nbytes: a new threshold (0: every output), or None to leave it.
+
+    Returns:
+        The threshold before the call.
+
+    Raises:
+        RuntimeError: if the kernels are not built (see :func:`kernels_available`).
+        ValueError: if ``nbytes`` is negative.
+    """
+    if nbytes is not None and nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0 (or None to read the threshold), got {nbytes}")
+    if not kernels_available():
+        raise RuntimeError("cenet.kernels.stream_threshold needs the compiled kernels, which are "
+                           "not built")
+    return torch.ops.cenet_kernels.stream_threshold(-1 if nbytes is None else nbytes)
 
 
 def group_apply(
