@@ -144,3 +144,48 @@ def test_parameter_hooks_fire_once_as_unfused(monkeypatch):
         y.square().sum().backward()
         counts.append(calls)
     assert counts[0] == counts[1] and set(counts[0].values()) == {1}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape,group_size,pool", CASES)
+def test_compiled_operator_matches_the_autograd_operator(monkeypatch, dtype, tol, shape,
+                                                         group_size, pool):
+    """The hand-derived backward of cenet_kernels::ce_operator against autograd through the
+    operator's torch graph, inside the same fused node: output, input and parameter gradients,
+    running estimates."""
+    import cenet.layers.channel_equilibrium as ce_module
+    from cenet.layers.ce_operator import CompiledCEOperator
+
+    block = _perturbed(ChannelEquilibrium(shape[1], group_size=group_size, pool=pool).to(dtype))
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
+    grad = torch.randn(shape, dtype=dtype)
+    used = []
+    monkeypatch.setattr(CompiledCEOperator, "__init__",
+                        lambda self, b: (used.append(b), setattr(self, "block", b))[-1])
+    _, compiled = _step(copy.deepcopy(block), x, grad)
+    assert len(used) == 1
+    monkeypatch.setattr(ce_module, "compiled_operator_usable", lambda *args: False)
+    y, ref = _step(copy.deepcopy(block), x, grad)
+    assert len(used) == 1 and type(y.grad_fn).__name__ == "_FusedGroupBlockBackward"
+    for a, b in zip(compiled, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_compiled_operator_only_for_the_operator_it_implements():
+    from cenet.layers import InstanceReweighting
+    from cenet.layers.ce_operator import compiled_operator_usable
+
+    x = torch.randn(2, 16, 3, 3)
+    assert compiled_operator_usable(ChannelEquilibrium(16), x)
+    assert not compiled_operator_usable(ChannelEquilibrium(16).double(), x)  # dtypes differ
+
+    class Gated(InstanceReweighting):
+        def gate(self, inst_var):
+            return super().gate(inst_var) * 2
+
+    block = ChannelEquilibrium(16)
+    block.ir = Gated(16)
+    assert not compiled_operator_usable(block, x)
+    block = ChannelEquilibrium(16)
+    block.ir.norm = torch.nn.LayerNorm(4, elementwise_affine=False)
+    assert not compiled_operator_usable(block, x)

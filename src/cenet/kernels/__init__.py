@@ -42,6 +42,7 @@ __all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "group_se
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
+_SOURCES = [_SOURCE, _SOURCE.with_name("ce_operator.cpp")]
 _DTYPES = (torch.float32, torch.float64)
 _MAX_GROUP = 64  # kMaxGroup in block_ops.cpp: the largest g the kernels take
 _state: dict[str, bool] = {}
@@ -60,7 +61,7 @@ def _build() -> bool:
         _log.info("building the CE block's CPU kernels (once per machine, about a minute)")
         cpp_extension.load(
             name="cenet_block_ops",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -68,7 +69,7 @@ def _build() -> bool:
         )
     except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
         warnings.warn(
-            f"cenet: could not build the CPU kernels from {_SOURCE} ({type(err).__name__}: "
+            f"cenet: could not build the CPU kernels in {_SOURCE.parent} ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); the CE block "
             "falls back to torch.bmm (slower). Needs g++ and ninja; set CENET_KERNELS=0 to skip "
             "the build.",

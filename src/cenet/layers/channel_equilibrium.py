@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from cenet import kernels
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.ce_operator import CompiledCEOperator, compiled_operator_usable
 from cenet.layers.fused_block import fused_group_block, parameter_slots
 from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
@@ -30,7 +31,8 @@ class ChannelEquilibrium(nn.Module):
     come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
     In training on an NCHW CPU tensor (without ``identity_init``), moments, operator
     and product are one autograd node with a one-pass input gradient
-    (:mod:`cenet.layers.fused_block`). In eval, W is the running matrix, i.e. the grouped 1×1
+    (:mod:`cenet.layers.fused_block`), the operator computed by a compiled op with a
+    hand-written backward (:mod:`cenet.layers.ce_operator`). In eval, W is the running matrix, i.e. the grouped 1×1
     convolution of :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under
     ``torch.no_grad`` on CPU the whole eval block (variances, gate, product) is one compiled
     kernel per sample (:func:`cenet.kernels.ce_eval`).
@@ -116,8 +118,10 @@ class ChannelEquilibrium(nn.Module):
         if self.training and self.mode == "ce" and not self.identity_init and self.bd.fusable(x):
             check_input(x, self.num_features, type(self).__name__)
             self.bd.check_positions(x)
-            return fused_group_block(x, self.bd.group_size, self._batch_operator,
-                                     parameter_slots(self), pool=self.bd.pool)
+            operator = (CompiledCEOperator(self) if compiled_operator_usable(self, x)
+                        else self._batch_operator)
+            return fused_group_block(x, self.bd.group_size, operator, parameter_slots(self),
+                                     pool=self.bd.pool)
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)
@@ -208,6 +212,7 @@ class ChannelEquilibrium(nn.Module):
     def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, Tensor]:
         """The training operator of ``"ce"`` mode: λ·W from the BD moments (of the pooled
         input with ``pool``) and (1 − λ)·d from the per-sample moments of the input; updates
-        the running statistics."""
+        the running statistics (:class:`cenet.layers.ce_operator.CompiledCEOperator` computes
+        the same numbers with a hand-written backward)."""
         wm = self.bd.whitening_matrix(moments)
         return self._mixed(wm, self.ir.channel_scale(instance_variance(ir_moments)))

@@ -40,6 +40,24 @@ Operator = Callable[[Moments, Moments], tuple[Tensor, Tensor | None]]
 Slot = tuple[nn.Module, str]
 
 
+class DirectOperator:
+    """An operator with its own backward, in place of an :data:`Operator` built with autograd
+    (no small graph is recorded; :mod:`cenet.layers.ce_operator`)."""
+
+    def forward(self, bd_leaves: tuple[Tensor, ...], ir_leaves: tuple[Tensor, ...]
+                ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        """(W (G, g, g), d (N, C) or None, what backward needs) from the moments (the
+        leaves of :func:`fused_group_block`: BD mean, mean square and second moment, then with
+        ``pool`` the IR mean and mean square)."""
+        raise NotImplementedError
+
+    def backward(self, saved: tuple[Tensor, ...], grad_wm: Tensor, grad_diag: Tensor | None,
+                 params: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The gradients of the leaves (all of them) and of ``params`` (the parameters at the
+        slots, in order)."""
+        raise NotImplementedError
+
+
 def parameter_slots(module: nn.Module) -> list[Slot]:
     """Every parameter of ``module`` and its submodules as (owner module, attribute name),
     module by module: where :func:`fused_group_block` puts detached copies while the operator
@@ -84,6 +102,13 @@ class _FusedGroupBlock(torch.autograd.Function):
         else:
             bd_leaves = _moment_leaves(x, groups, n)
             ir_leaves = ()
+        ctx.save_for_backward(x, xs)
+        ctx.groups, ctx.shape = groups, shape
+        if isinstance(operator, DirectOperator):
+            wm, diag, saved = operator.forward(bd_leaves, ir_leaves)
+            ctx.graph = (operator, saved, params)
+            d = None if diag is None else diag.reshape(b, g)
+            return kernels.group_apply(wm.to(x.dtype), x, d, shape=shape)
         leaves = bd_leaves + ir_leaves
         for t in leaves:
             t.requires_grad_()
@@ -95,8 +120,6 @@ class _FusedGroupBlock(torch.autograd.Function):
         copies = [p.detach().requires_grad_(p.requires_grad) for p in params]
         with torch.enable_grad(), _substituted(slots, copies):
             wm, diag = operator(bd_moments, ir_moments)
-        ctx.save_for_backward(x, xs)
-        ctx.groups, ctx.shape = groups, shape
         ctx.graph = (leaves, wm, diag, copies)
         d = None if diag is None else diag.detach().reshape(b, g)
         return kernels.group_apply(wm.detach().to(x.dtype), x, d, shape=shape)
@@ -105,13 +128,25 @@ class _FusedGroupBlock(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, xs = ctx.saved_tensors
-        # The small graph stays with this node (a few KiB) and is kept by autograd.grad, so
-        # that a graph run backward twice (retain_graph=True, gradcheck) works as unfused.
-        leaves, wm, diag, params = ctx.graph
         b, g, m = x.shape
         groups = ctx.groups
         n = b // groups
         grad = grad.reshape(x.shape).to(x.dtype)
+        if isinstance(ctx.graph[0], DirectOperator):
+            operator, saved, params = ctx.graph
+            wm, diag = saved[0], saved[1]
+            grad_wm, grad_diag = kernels.group_gram(grad, x, groups, with_diag=diag is not None)
+            grad_leaves, grad_params = operator.backward(
+                saved, grad_wm, None if grad_diag is None else grad_diag.view(n, groups * g),
+                params,
+            )
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = _input_grad(x, xs, grad, wm, diag, grad_leaves, groups, ctx.shape)
+            return (grad_x, None, None, None, None, None, *grad_params)
+        # The small graph stays with this node (a few KiB) and is kept by autograd.grad, so
+        # that a graph run backward twice (retain_graph=True, gradcheck) works as unfused.
+        leaves, wm, diag, params = ctx.graph
         grad_wm, grad_diag = kernels.group_gram(grad, x, groups, with_diag=diag is not None)
         outputs, grad_outputs = [wm], [grad_wm.to(wm.dtype)]
         if diag is not None:
@@ -172,8 +207,8 @@ def fused_block_usable(x: Tensor, group_size: int, pool: bool = False) -> bool:
     return x.is_contiguous() and kernels.kernels_usable(group_size, x)
 
 
-def fused_group_block(x: Tensor, group_size: int, operator: Operator, slots: list[Slot],
-                      *, pool: bool = False) -> Tensor:
+def fused_group_block(x: Tensor, group_size: int, operator: Operator | DirectOperator,
+                      slots: list[Slot], *, pool: bool = False) -> Tensor:
     """y_n = (W + Diag(d_n)) x_n with (W, d) = operator(moments of x), as one autograd node.
 
     Args:
@@ -181,7 +216,8 @@ def fused_group_block(x: Tensor, group_size: int, operator: Operator, slots: lis
         group_size: g; C = G·g.
         operator: builds W (G, g, g) and d (N, C) or None from the :class:`Moments` of the BD
             statistics and of x (the IR statistics: ``second`` is None with ``pool``) with
-            ordinary autograd ops (it may update running statistics).
+            ordinary autograd ops (it may update running statistics), or a
+            :class:`DirectOperator` that computes its own backward.
         slots: where the parameters the operator uses live (:func:`parameter_slots` of the
             module): the operator runs with detached copies in their place, and their
             gradients are computed in backward.

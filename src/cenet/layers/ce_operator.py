@@ -1,0 +1,99 @@
+"""The CE block's training operator (λ·W, (1 − λ)·d) from its moments, with its own backward.
+
+The same numbers as the autograd path of ``ChannelEquilibrium._batch_operator`` (covariance, trace
+normalization and Newton iteration of BD, CE paper Eqns 5-6; variances, gate MLP and scale of
+IR, Eqns 7, 8, 21; λ mixing, Eqn 4), computed by the compiled op
+``torch.ops.cenet_kernels.ce_operator`` with a hand-derived backward
+(``ce_operator_backward``, ``cenet/kernels/ce_operator.cpp``) inside the fused block's node
+(:class:`~cenet.layers.fused_block.DirectOperator`): no small graph of about 100 autograd
+nodes, whose dispatch dominates the block's training step at small maps. Used by
+:class:`~cenet.layers.ChannelEquilibrium` where :func:`compiled_operator_usable` says so; it
+checks that the batch statistics are finite and updates the running estimates as the autograd
+operator does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cenet import kernels
+from cenet.layers.batch_decorrelation import BatchDecorrelation
+from cenet.layers.instance_reweighting import InstanceReweighting
+from cenet.layers.fused_block import DirectOperator
+
+
+class CompiledCEOperator(DirectOperator):
+    """The ``"ce"``-mode operator of ``block`` (a :class:`~cenet.layers.ChannelEquilibrium`)
+    for :func:`~cenet.layers.fused_block.fused_group_block`: (λ·W (G, g, g), (1 − λ)·d (N, C))
+    from the BD and IR moments, updating ``bd.running_wm`` and ``ir.running_inv_std``
+    (Eqn 32), and its backward.
+
+    Raises (in forward):
+        FloatingPointError: if the covariance or the IR scale is not finite; no running
+            estimate changes then.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def _weights(self) -> tuple[Tensor, ...]:
+        ir = self.block.ir
+        return (self.block.theta, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight)
+
+    def forward(self, bd_leaves, ir_leaves):
+        bd, ir = self.block.bd, self.block.ir
+        mean_bd, _, second = bd_leaves
+        mean_ir, sq_ir = ir_leaves if ir_leaves else bd_leaves[:2]
+        with torch.no_grad():
+            out = torch.ops.cenet_kernels.ce_operator(
+                mean_bd, second, mean_ir, sq_ir, *self._weights(), bd.eps, ir.eps, ir.norm.eps,
+                bd.num_iters,
+            )
+        wm_mixed, d_mixed, wm, inv_std, finite = out[:5]
+        if not finite:
+            raise FloatingPointError(
+                "ChannelEquilibrium: the batch statistics are not finite (NaN/Inf in the "
+                "input); the running estimates were not updated"
+            )
+        with torch.no_grad():
+            bd.running_wm.lerp_(wm.to(bd.running_wm.dtype), bd.momentum)
+            ir.running_inv_std.lerp_(inv_std.to(ir.running_inv_std.dtype), ir.momentum)
+        return wm_mixed, d_mixed, (*out, mean_ir, len(bd_leaves) + len(ir_leaves))
+
+    def backward(self, saved, grad_wm, grad_diag, params):
+        *out, mean_ir, num_leaves = saved
+        _, fc1, ln_w, _, fc2 = self._weights()
+        if grad_diag is None:
+            grad_diag = torch.zeros_like(out[1])
+        (grad_mean_bd, grad_second, grad_mean_ir, grad_sq_ir,
+         *grad_weights) = torch.ops.cenet_kernels.ce_operator_backward(
+            grad_wm.to(out[0].dtype).contiguous(), grad_diag.to(out[1].dtype).contiguous(),
+            mean_ir, fc1.detach(), ln_w.detach(), fc2.detach(), out,
+        )
+        if num_leaves == 3:  # one set of moments: the IR statistics are the BD ones
+            grad_leaves = [grad_mean_bd + grad_mean_ir, grad_sq_ir, grad_second]
+        else:
+            grad_leaves = [grad_mean_bd, torch.zeros_like(grad_sq_ir), grad_second, grad_mean_ir,
+                           grad_sq_ir]
+        by_id = {id(w): gw for w, gw in zip(self._weights(), grad_weights, strict=True)}
+        return grad_leaves, [by_id[id(p)] if p.requires_grad else None for p in params]
+
+
+def compiled_operator_usable(block: nn.Module, x: Tensor) -> bool:
+    """True if :class:`CompiledCEOperator` computes the operator of ``block`` (a ``"ce"``-mode
+    :class:`~cenet.layers.ChannelEquilibrium`) on ``x``: the compiled kernels built, ``x`` and
+    the parameters of one float32/float64 dtype on the CPU, and the branches as
+    :class:`~cenet.layers.BatchDecorrelation` and :class:`~cenet.layers.InstanceReweighting`
+    build them (a subclass that changes a step of the operator keeps the autograd path)."""
+    ir, bd = block.ir, block.bd
+    if (type(bd).whitening_matrix is not BatchDecorrelation.whitening_matrix
+            or type(ir).channel_scale is not InstanceReweighting.channel_scale
+            or type(ir).gate is not InstanceReweighting.gate):
+        return False
+    if not (type(ir.fc1) is nn.Linear and type(ir.fc2) is nn.Linear
+            and type(ir.norm) is nn.LayerNorm and ir.norm.weight is not None
+            and ir.norm.bias is not None and ir.fc1.bias is None and ir.fc2.bias is None):
+        return False
+    return kernels.kernels_usable(bd.group_size, x, block.theta, ir.fc1.weight, ir.norm.weight,
+                                  ir.norm.bias, ir.fc2.weight)
