@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from cenet import kernels
 from cenet.layers.batch_decorrelation import BatchDecorrelation
-from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.fused_block import DirectOperator
+from cenet.layers.instance_reweighting import InstanceReweighting
 
 
 class CompiledCEOperator(DirectOperator):

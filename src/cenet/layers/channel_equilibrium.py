@@ -32,8 +32,9 @@ class ChannelEquilibrium(nn.Module):
     In training on an NCHW CPU tensor (without ``identity_init``), moments, operator
     and product are one autograd node with a one-pass input gradient
     (:mod:`cenet.layers.fused_block`), the operator computed by a compiled op with a
-    hand-written backward (:mod:`cenet.layers.ce_operator`). In eval, W is the running matrix, i.e. the grouped 1×1
-    convolution of :meth:`BatchDecorrelation.conv_weight` plus the IR diagonal; under
+    hand-written backward (:mod:`cenet.layers.ce_operator`). In eval, W is the running
+    matrix, i.e. the grouped 1×1 convolution of :meth:`BatchDecorrelation.conv_weight` plus
+    the IR diagonal; under
     ``torch.no_grad`` on CPU the whole eval block (variances, gate, product) is one compiled
     kernel per sample (:func:`cenet.kernels.ce_eval`).
 
