@@ -21,7 +21,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <tuple>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -58,21 +59,66 @@ std::vector<Tensor> ce_operator(const Tensor& mean_bd, const Tensor& second,
     ps.push_back(at::baddbmm(p, p3, sn, /*beta=*/1.5, /*alpha=*/-0.5));
   }
   const Tensor& wm = ps.back();
-  // IR (Eqns 7, 8, 21)
-  const Tensor raw = sq_ir - mean_ir * mean_ir;
-  const Tensor var = raw.clamp_min(0);
-  const Tensor inv_std = (var.mean() + eps_ir).rsqrt().reshape({1});
+  // IR (Eqns 7, 8, 21): the elementwise steps as loops (each would be an ATen call)
+  const Tensor m_ir = mean_ir.contiguous(), q_ir = sq_ir.contiguous();
+  const Tensor raw = at::empty_like(m_ir), var = at::empty_like(m_ir);
+  const int64_t n = m_ir.size(0), hd = fc1.size(0);
+  const double lam = 1 / (1 + std::exp(-theta.item<double>()));
+  double inv_std = 0;
+  AT_DISPATCH_FLOATING_TYPES(m_ir.scalar_type(), "ce_operator", [&] {
+    const scalar_t *mp = m_ir.data_ptr<scalar_t>(), *qp = q_ir.data_ptr<scalar_t>();
+    scalar_t *rp = raw.data_ptr<scalar_t>(), *vp = var.data_ptr<scalar_t>();
+    double total = 0;
+    for (int64_t i = 0; i < n * c; ++i) {
+      rp[i] = qp[i] - mp[i] * mp[i];
+      vp[i] = rp[i] > 0 ? rp[i] : scalar_t(0);
+      total += vp[i];
+    }
+    inv_std = double(scalar_t(1) / std::sqrt(scalar_t(total / (n * c)) + scalar_t(eps_ir)));
+  });
   const Tensor h1 = at::mm(var, fc1.t());
-  const Tensor rstd = (h1.var(-1, /*unbiased=*/false, /*keepdim=*/true) + ln_eps).rsqrt();
-  const Tensor xhat = (h1 - h1.mean(-1, true)) * rstd;
-  const Tensor r = at::addcmul(ln_b, xhat, ln_w).clamp_min_(0);
-  const Tensor gate = at::mm(r, fc2.t()).sigmoid_();
-  const Tensor d = gate * inv_std;
-  const Tensor lam = theta.sigmoid();
-  const Tensor finite = at::logical_and(cov.isfinite().all(), inv_std.isfinite().all());
-  std::vector<Tensor> out{wm * lam, d * (1 - lam), wm, inv_std, finite,
+  const Tensor xhat = at::empty_like(h1), r = at::empty_like(h1);
+  const Tensor rstd = at::empty({n, 1}, h1.options());
+  AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "ce_operator", [&] {
+    using T = scalar_t;
+    const Tensor w = ln_w.contiguous(), b = ln_b.contiguous();
+    const T *hp = h1.data_ptr<T>(), *wp = w.data_ptr<T>(), *bp = b.data_ptr<T>();
+    T *xp = xhat.data_ptr<T>(), *outp = r.data_ptr<T>(), *sp = rstd.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) {  // LayerNorm over the Hd hidden features, then ReLU
+      const T* h = hp + i * hd;
+      T mu = 0, v = 0;
+      for (int64_t j = 0; j < hd; ++j) mu += h[j];
+      mu /= hd;
+      for (int64_t j = 0; j < hd; ++j) v += (h[j] - mu) * (h[j] - mu);
+      const T rs = T(1) / std::sqrt(v / hd + T(ln_eps));
+      sp[i] = rs;
+      for (int64_t j = 0; j < hd; ++j) {
+        const T xh = (h[j] - mu) * rs;
+        xp[i * hd + j] = xh;
+        outp[i * hd + j] = std::max(xh * wp[j] + bp[j], T(0));
+      }
+    }
+  });
+  const Tensor gate = at::mm(r, fc2.t());
+  const Tensor d_mixed = at::empty_like(gate);
+  bool finite = std::isfinite(inv_std);
+  AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "ce_operator", [&] {
+    using T = scalar_t;
+    T *gp = gate.data_ptr<T>(), *dp = d_mixed.data_ptr<T>();
+    const T scale = T(inv_std) * T(1 - lam);
+    for (int64_t i = 0; i < n * c; ++i) {
+      gp[i] = T(1) / (T(1) + std::exp(-gp[i]));
+      dp[i] = gp[i] * scale;
+    }
+    const Tensor cc = cov.contiguous();
+    const T* cp = cc.data_ptr<T>();
+    for (int64_t i = 0; i < cc.numel(); ++i) finite = finite && std::isfinite(cp[i]);
+  });
+  const auto scalar = [&](double v) { return at::full({1}, v, sn.options()); };
+  std::vector<Tensor> out{wm * lam, d_mixed, wm, scalar(inv_std),
+                          at::scalar_tensor(finite, at::kBool),
                           // saved for backward
-                          sn, trace, mu, raw, var, xhat, rstd, r, gate, lam};
+                          sn, trace, mu, raw, var, xhat, rstd, r, gate, scalar(lam)};
   for (int64_t k = 0; k + 1 < num_iters; ++k) out.push_back(ps[k]);
   return out;
 }
@@ -85,32 +131,79 @@ std::vector<Tensor> ce_operator_backward(const Tensor& grad_wm, const Tensor& gr
   const Tensor &wm = forward_out[2], &inv_std = forward_out[3], &sn = forward_out[5],
                &trace = forward_out[6], &mu = forward_out[7], &raw = forward_out[8],
                &var = forward_out[9], &xhat = forward_out[10], &rstd = forward_out[11],
-               &r = forward_out[12], &gate = forward_out[13], &lam = forward_out[14];
+               &r = forward_out[12], &gate = forward_out[13], &lam_t = forward_out[14];
   const int64_t num_iters = int64_t(forward_out.size()) - 14;
   const int64_t n = var.size(0), c = var.size(1);
   const int64_t groups = sn.size(0), g = sn.size(1);
-  // λ mixing (Eqn 4)
-  const Tensor d = gate * inv_std;
-  const Tensor grad_lam = (grad_wm * wm).sum() - (grad_d * d).sum();
-  const Tensor grad_theta = (grad_lam * lam * (1 - lam)).reshape({1});
-  // IR
-  const Tensor grad_draw = grad_d * (1 - lam);
-  const Tensor grad_inv = (grad_draw * gate).sum();
-  const Tensor grad_z = grad_draw * inv_std * gate * (1 - gate);
+  const double lam = lam_t.item<double>(), inv = inv_std.item<double>();
+  const int64_t hd = fc1.size(0);
+  const Tensor gd = grad_d.contiguous(), gw = grad_wm.contiguous();
+  const Tensor grad_z = at::empty_like(gate);
+  double grad_lam = 0, grad_inv = 0;
+  AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "ce_operator_backward", [&] {
+    using T = scalar_t;
+    const T *gdp = gd.data_ptr<T>(), *gp = gate.data_ptr<T>();
+    T* zp = grad_z.data_ptr<T>();
+    double lam_d = 0, g_inv = 0;
+    for (int64_t i = 0; i < n * c; ++i) {  // d = (1 - λ) gate inv_std (Eqns 4, 8)
+      lam_d += double(gdp[i]) * gp[i];
+      const T gdraw = gdp[i] * T(1 - lam);
+      g_inv += double(gdraw) * gp[i];
+      zp[i] = gdraw * T(inv) * gp[i] * (T(1) - gp[i]);
+    }
+    const Tensor wc = wm.contiguous();
+    const T *gwp = gw.data_ptr<T>(), *wp = wc.data_ptr<T>();
+    double lam_w = 0;
+    for (int64_t i = 0; i < wc.numel(); ++i) lam_w += double(gwp[i]) * wp[i];
+    grad_lam = lam_w - lam_d * inv;
+    grad_inv = g_inv;
+  });
+  const Tensor grad_theta = at::full({1}, grad_lam * lam * (1 - lam), gate.options());
   const Tensor grad_fc2 = at::mm(grad_z.t(), r);
-  const Tensor grad_ln = at::mm(grad_z, fc2).mul_(r > 0);
-  const Tensor grad_ln_w = (grad_ln * xhat).sum(0);
-  const Tensor grad_ln_b = grad_ln.sum(0);
-  const Tensor grad_xhat = grad_ln * ln_w;
-  const Tensor grad_h1 = rstd * (grad_xhat - grad_xhat.mean(-1, true) -
-                                 xhat * (grad_xhat * xhat).mean(-1, true));
+  const Tensor grad_r = at::mm(grad_z, fc2);
+  const Tensor grad_ln_w = at::zeros({hd}, gate.options()), grad_ln_b = at::zeros_like(grad_ln_w);
+  const Tensor grad_h1 = at::empty_like(grad_r);
+  AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "ce_operator_backward", [&] {
+    using T = scalar_t;
+    const Tensor w = ln_w.contiguous();
+    const T *grp = grad_r.data_ptr<T>(), *rp = r.data_ptr<T>(), *xp = xhat.data_ptr<T>(),
+            *sp = rstd.data_ptr<T>(), *wp = w.data_ptr<T>();
+    T *gwp = grad_ln_w.data_ptr<T>(), *gbp = grad_ln_b.data_ptr<T>(), *ghp = grad_h1.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) {  // ReLU, then LayerNorm backward, row by row
+      const T* x = xp + i * hd;
+      T* gh = ghp + i * hd;
+      T s1 = 0, s2 = 0;
+      for (int64_t j = 0; j < hd; ++j) {
+        const T gl = rp[i * hd + j] > 0 ? grp[i * hd + j] : T(0);
+        gwp[j] += gl * x[j];
+        gbp[j] += gl;
+        gh[j] = gl * wp[j];
+        s1 += gh[j];
+        s2 += gh[j] * x[j];
+      }
+      s1 /= hd;
+      s2 /= hd;
+      for (int64_t j = 0; j < hd; ++j) gh[j] = sp[i] * (gh[j] - s1 - x[j] * s2);
+    }
+  });
   const Tensor grad_fc1 = at::mm(grad_h1.t(), var);
-  // s = mean σ²: d inv_std / ds = -inv_std³ / 2
-  Tensor grad_var = at::mm(grad_h1, fc1).add_(grad_inv * inv_std.pow(3) * (-0.5 / (n * c)));
-  grad_var.mul_(raw >= 0);
-  const Tensor grad_mean_ir = -2 * mean_ir * grad_var;
+  const Tensor grad_var = at::mm(grad_h1, fc1);
+  const Tensor grad_mean_ir = at::empty_like(grad_var);
+  AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "ce_operator_backward", [&] {
+    using T = scalar_t;
+    const Tensor mc = mean_ir.contiguous();
+    const T *rawp = raw.data_ptr<T>(), *mp = mc.data_ptr<T>();
+    T *gvp = grad_var.data_ptr<T>(), *gmp = grad_mean_ir.data_ptr<T>();
+    // s = mean σ², inv_std = (s + ε)^-1/2: d inv_std / ds = -inv_std³ / 2
+    const T k = T(grad_inv * inv * inv * inv * (-0.5 / (n * c)));
+    for (int64_t i = 0; i < n * c; ++i) {
+      const T gv = rawp[i] >= 0 ? gvp[i] + k : T(0);  // clamp at 0 (Eqn 7)
+      gvp[i] = gv;
+      gmp[i] = -2 * mp[i] * gv;
+    }
+  });
   // BD: back through the Newton steps
-  Tensor grad_p = grad_wm * lam;
+  Tensor grad_p = gw * lam;
   Tensor grad_sn = at::zeros_like(sn);
   for (int64_t k = num_iters - 1; k >= 1; --k) {
     const Tensor& p = forward_out[15 + k - 1];
