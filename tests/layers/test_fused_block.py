@@ -32,10 +32,10 @@ def _step(block, x, grad):
                *(b.clone() for b in block.buffers())]
 
 
-CASES = [  # (shape, group_size, pool): odd sizes, one position per sample, a 64-group
+CASES = [  # (shape, group_size, pool): odd sizes, one position per sample, g from 4 to 64
     ((4, 32, 5, 7), 16, False), ((3, 12, 8, 8), 4, False), ((2, 16, 1, 2), 16, False),
     ((2, 64, 9, 40), 64, False), ((4, 32, 5, 7), 16, True), ((3, 12, 8, 8), 4, True),
-    ((2, 64, 9, 40), 64, True),
+    ((2, 64, 9, 40), 64, True), ((3, 32, 4, 5), 8, False), ((2, 64, 3, 3), 32, True),
 ]
 
 
