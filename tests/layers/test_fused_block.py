@@ -24,6 +24,14 @@ def _perturbed(block):
     return block
 
 
+FUSED = ("_FusedGroupBlockBackward", "_CompiledCEStepBackward")
+
+
+def _fused(y):
+    """True if y comes from one of the fused training nodes."""
+    return type(y.grad_fn).__name__ in FUSED
+
+
 def _step(block, x, grad):
     x.grad = None
     y = block(x)
@@ -49,10 +57,10 @@ def test_fused_step_matches_the_unfused_graph(monkeypatch, mode, dtype, tol, sha
     x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
     grad = torch.randn(shape, dtype=dtype)
     y, fused = _step(copy.deepcopy(block), x, grad)
-    assert type(y.grad_fn).__name__ == "_FusedGroupBlockBackward"
+    assert _fused(y)
     monkeypatch.setitem(kernels._state, "ok", False)  # the torch graph, no kernels
     y, ref = _step(copy.deepcopy(block), x, grad)
-    assert type(y.grad_fn).__name__ != "_FusedGroupBlockBackward"
+    assert not _fused(y)
     for a, b in zip(fused, ref, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
@@ -65,7 +73,7 @@ def test_gradcheck_of_the_fused_step_in_float64(pool):
 
     def f(x):
         out = block(x)
-        assert type(out.grad_fn).__name__ == "_FusedGroupBlockBackward"
+        assert _fused(out)
         return out
 
     # the parameters enter through the module: gradcheck for the input gradient, central
@@ -97,10 +105,10 @@ def test_fused_step_only_where_it_applies():
         "ir": ChannelEquilibrium(16, mode="ir"),
     }
     for name, block in cases.items():
-        assert type(block(x).grad_fn).__name__ != "_FusedGroupBlockBackward", name
+        assert not _fused(block(x)), name
     nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     y = ChannelEquilibrium(16)(nhwc)
-    assert type(y.grad_fn).__name__ != "_FusedGroupBlockBackward"
+    assert not _fused(y)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert type(BatchDecorrelation(16)(x).grad_fn).__name__ == "_FusedGroupBlockBackward"
 
@@ -124,23 +132,24 @@ def test_subclass_with_its_own_statistics_turns_fusion_off():
         fuse_training = False
 
     x = torch.randn(4, 16, 3, 3, requires_grad=True)
-    assert type(AllReduced(16)(x).grad_fn).__name__ != "_FusedGroupBlockBackward"
+    assert not _fused(AllReduced(16)(x))
     block = ChannelEquilibrium(16)
     block.bd.fuse_training = False
-    assert type(block(x).grad_fn).__name__ != "_FusedGroupBlockBackward"
+    assert not _fused(block(x))
 
 
-def test_parameter_hooks_fire_once_as_unfused(monkeypatch):
+@pytest.mark.parametrize("pool", [False, True])
+def test_parameter_hooks_fire_once_as_unfused(monkeypatch, pool):
     x = torch.randn(4, 16, 5, 5, requires_grad=True)
     counts = []
     for ok in (True, False):
         monkeypatch.setitem(kernels._state, "ok", ok)
-        block = ChannelEquilibrium(16, pool=True)
+        block = ChannelEquilibrium(16, pool=pool)
         calls = {name: 0 for name, _ in block.named_parameters()}
         for name, p in block.named_parameters():
             p.register_hook(lambda g, name=name, calls=calls: calls.update({name: calls[name] + 1}))
         y = block(x)
-        assert (type(y.grad_fn).__name__ == "_FusedGroupBlockBackward") == ok
+        assert _fused(y) == ok
         y.square().sum().backward()
         counts.append(calls)
     assert counts[0] == counts[1] and set(counts[0].values()) == {1}
@@ -150,9 +159,9 @@ def test_parameter_hooks_fire_once_as_unfused(monkeypatch):
 @pytest.mark.parametrize("shape,group_size,pool", CASES)
 def test_compiled_operator_matches_the_autograd_operator(monkeypatch, dtype, tol, shape,
                                                          group_size, pool):
-    """The hand-derived backward of cenet_kernels::ce_operator against autograd through the
-    operator's torch graph, inside the same fused node: output, input and parameter gradients,
-    running estimates."""
+    """The hand-derived backward of cenet_kernels::ce_operator (in the compiled step without
+    pooling, in the fused node with it) against autograd through the operator's torch graph
+    in the fused node: output, input and parameter gradients, running estimates."""
     import cenet.layers.channel_equilibrium as ce_module
     from cenet.layers.ce_operator import CompiledCEOperator
 
@@ -162,11 +171,13 @@ def test_compiled_operator_matches_the_autograd_operator(monkeypatch, dtype, tol
     used = []
     monkeypatch.setattr(CompiledCEOperator, "__init__",
                         lambda self, b: (used.append(b), setattr(self, "block", b))[-1])
-    _, compiled = _step(copy.deepcopy(block), x, grad)
-    assert len(used) == 1
+    y, compiled = _step(copy.deepcopy(block), x, grad)
+    assert type(y.grad_fn).__name__ == ("_FusedGroupBlockBackward" if pool
+                                        else "_CompiledCEStepBackward")
+    assert len(used) == pool
     monkeypatch.setattr(ce_module, "compiled_operator_usable", lambda *args: False)
     y, ref = _step(copy.deepcopy(block), x, grad)
-    assert len(used) == 1 and type(y.grad_fn).__name__ == "_FusedGroupBlockBackward"
+    assert len(used) == pool and type(y.grad_fn).__name__ == "_FusedGroupBlockBackward"
     for a, b in zip(compiled, ref, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 

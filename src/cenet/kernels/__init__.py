@@ -42,7 +42,7 @@ __all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "group_se
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("block_ops.cpp")
-_SOURCES = [_SOURCE, _SOURCE.with_name("ce_operator.cpp")]
+_SOURCES = [_SOURCE, _SOURCE.with_name("ce_operator.cpp"), _SOURCE.with_name("ce_step.cpp")]
 _DTYPES = (torch.float32, torch.float64)
 _MAX_GROUP = 64  # kMaxGroup in block_ops.cpp: the largest g the kernels take
 _state: dict[str, bool] = {}

@@ -719,8 +719,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
       }
     });
   });
-  auto total = partial.sum(0);
-  if (symmetric) total = total.triu() + total.triu(1).transpose(1, 2);
+  // The threads' partial sums added, and with symmetric the upper triangle mirrored (a loop:
+  // the ATen calls for it cost more than the arithmetic at these sizes).
+  auto total = at::empty({groups, g, g}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_gram", [&] {
+    const scalar_t* pp = partial.data_ptr<scalar_t>();
+    scalar_t* tp = total.data_ptr<scalar_t>();
+    const int64_t size = groups * g * g;
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t r = i / g % g, k = i % g;
+      const int64_t src = symmetric && r > k ? i - (r - k) * (g - 1) : i;  // (k, r) of the group
+      scalar_t v = 0;
+      for (int64_t t = 0; t < threads; ++t) v += pp[t * size + src];
+      tp[i] = v;
+    }
+  });
   return {total, diag, sums};
 }
 

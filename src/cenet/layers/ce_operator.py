@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from cenet import kernels
 from cenet.layers.batch_decorrelation import BatchDecorrelation
@@ -50,15 +51,8 @@ class CompiledCEOperator(DirectOperator):
                 mean_bd, second, mean_ir, sq_ir, *self._weights(), bd.eps, ir.eps, ir.norm.eps,
                 bd.num_iters,
             )
-        wm_mixed, d_mixed, wm, inv_std, finite = out[:5]
-        if not finite:
-            raise FloatingPointError(
-                "ChannelEquilibrium: the batch statistics are not finite (NaN/Inf in the "
-                "input); the running estimates were not updated"
-            )
-        with torch.no_grad():
-            bd.running_wm.lerp_(wm.to(bd.running_wm.dtype), bd.momentum)
-            ir.running_inv_std.lerp_(inv_std.to(ir.running_inv_std.dtype), ir.momentum)
+        wm_mixed, d_mixed = out[:2]
+        _check_and_update(self.block, *out[2:5])
         return wm_mixed, d_mixed, (*out, mean_ir, len(bd_leaves) + len(ir_leaves))
 
     def backward(self, saved, grad_wm, grad_diag, params):
@@ -78,6 +72,63 @@ class CompiledCEOperator(DirectOperator):
                            grad_sq_ir]
         by_id = {id(w): gw for w, gw in zip(self._weights(), grad_weights, strict=True)}
         return grad_leaves, [by_id[id(p)] if p.requires_grad else None for p in params]
+
+
+class _CompiledCEStep(torch.autograd.Function):
+    """The whole training step of a ``"ce"``-mode block on an NCHW map without pooling:
+    moments, operator and product in one compiled op, their backward in another
+    (``cenet/kernels/ce_step.cpp``); the same numbers as
+    :func:`~cenet.layers.fused_block.fused_group_block` with :class:`CompiledCEOperator`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: nn.Module, theta: Tensor, fc1: Tensor, ln_w: Tensor,
+                ln_b: Tensor, fc2: Tensor) -> Tensor:
+        bd, ir = block.bd, block.ir
+        out = torch.ops.cenet_kernels.ce_step(
+            x, bd.group_size, theta, fc1, ln_w, ln_b, fc2, bd.eps, ir.eps, ir.norm.eps,
+            bd.num_iters,
+        )
+        _check_and_update(block, *out[4:7])
+        ctx.save_for_backward(x, fc1, ln_w, fc2)
+        ctx.saved = out[1:]  # all but the output: the moments' means and the operator's
+        return out[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, fc1, ln_w, fc2 = ctx.saved_tensors
+        grad_x, *grads = torch.ops.cenet_kernels.ce_step_backward(
+            grad.to(x.dtype), x, fc1, ln_w, fc2, ctx.saved
+        )
+        return (grad_x if ctx.needs_input_grad[0] else None, None,
+                *(gr if need else None
+                  for gr, need in zip(grads, ctx.needs_input_grad[2:], strict=True)))
+
+
+def _check_and_update(block: nn.Module, wm: Tensor, inv_std: Tensor, finite: Tensor) -> None:
+    """Raise for non-finite batch statistics, else update the running estimates (Eqn 32)."""
+    bd, ir = block.bd, block.ir
+    if not finite:
+        raise FloatingPointError(
+            "ChannelEquilibrium: the batch statistics are not finite (NaN/Inf in the "
+            "input); the running estimates were not updated"
+        )
+    with torch.no_grad():
+        bd.running_wm.lerp_(wm.to(bd.running_wm.dtype), bd.momentum)
+        ir.running_inv_std.lerp_(inv_std.to(ir.running_inv_std.dtype), ir.momentum)
+
+
+def compiled_step(block: nn.Module, x: Tensor) -> Tensor:
+    """The training step of ``block`` (a ``"ce"``-mode
+    :class:`~cenet.layers.ChannelEquilibrium` without pooling) on the NCHW-contiguous ``x``
+    (N, C, H, W) where :func:`compiled_operator_usable` holds; updates the running estimates.
+
+    Raises:
+        FloatingPointError: if the batch statistics are not finite (nothing is updated).
+    """
+    ir = block.ir
+    return _CompiledCEStep.apply(x, block, block.theta, ir.fc1.weight, ir.norm.weight,
+                                 ir.norm.bias, ir.fc2.weight)
 
 
 def compiled_operator_usable(block: nn.Module, x: Tensor) -> bool:

@@ -8,7 +8,11 @@ from torch import Tensor, nn
 from cenet import kernels
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
-from cenet.layers.ce_operator import CompiledCEOperator, compiled_operator_usable
+from cenet.layers.ce_operator import (
+    CompiledCEOperator,
+    compiled_operator_usable,
+    compiled_step,
+)
 from cenet.layers.fused_block import fused_group_block, parameter_slots
 from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
@@ -119,8 +123,12 @@ class ChannelEquilibrium(nn.Module):
         if self.training and self.mode == "ce" and not self.identity_init and self.bd.fusable(x):
             check_input(x, self.num_features, type(self).__name__)
             self.bd.check_positions(x)
-            operator = (CompiledCEOperator(self) if compiled_operator_usable(self, x)
-                        else self._batch_operator)
+            if not compiled_operator_usable(self, x):
+                operator = self._batch_operator
+            elif not self.bd.pool:
+                return compiled_step(self, x)
+            else:
+                operator = CompiledCEOperator(self)
             return fused_group_block(x, self.bd.group_size, operator, parameter_slots(self),
                                      pool=self.bd.pool)
         if not self.identity_init:
