@@ -1,15 +1,21 @@
-"""The CE block's training operator (λ·W, (1 − λ)·d) from its moments, with its own backward.
+"""The CE block's training step with compiled code and hand-derived backwards.
 
-The same numbers as the autograd path of ``ChannelEquilibrium._batch_operator`` (covariance, trace
-normalization and Newton iteration of BD, CE paper Eqns 5-6; variances, gate MLP and scale of
-IR, Eqns 7, 8, 21; λ mixing, Eqn 4), computed by the compiled op
-``torch.ops.cenet_kernels.ce_operator`` with a hand-derived backward
-(``ce_operator_backward``, ``cenet/kernels/ce_operator.cpp``) inside the fused block's node
-(:class:`~cenet.layers.fused_block.DirectOperator`): no small graph of about 100 autograd
-nodes, whose dispatch dominates the block's training step at small maps. Used by
-:class:`~cenet.layers.ChannelEquilibrium` where :func:`compiled_operator_usable` says so; it
-checks that the batch statistics are finite and updates the running estimates as the autograd
-operator does.
+The operator (λ·W, (1 − λ)·d) from the moments gives the same numbers as the autograd path of
+``ChannelEquilibrium._batch_operator`` (covariance, trace normalization and Newton iteration
+of BD, CE paper Eqns 5-6; variances, gate MLP and scale of IR, Eqns 7, 8, 21; λ mixing,
+Eqn 4), computed by ``torch.ops.cenet_kernels.ce_operator`` and ``ce_operator_backward``
+(``cenet/kernels/ce_operator.cpp``): no small graph of about 100 autograd nodes, whose
+dispatch dominates the block's training step at small maps.
+
+- :func:`compiled_step`: without pooling, the whole step (moments, operator, product, and in
+  backward the gram pass, the operator's backward and the input gradient) is two compiled ops
+  (``cenet/kernels/ce_step.cpp``) under one autograd node.
+- :class:`CompiledCEOperator`: with pooling (paper appendix G), the operator inside
+  :func:`~cenet.layers.fused_block.fused_group_block`.
+
+:class:`~cenet.layers.ChannelEquilibrium` uses them where :func:`compiled_operator_usable`
+says so. Both check that the batch statistics are finite before they update the running
+estimates, as the autograd operator does.
 """
 
 from __future__ import annotations
