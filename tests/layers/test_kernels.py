@@ -341,3 +341,27 @@ def test_fused_eval_gate_saturates_as_torch_sigmoid(compiled, monkeypatch, dtype
         logits = ir.fc2(torch.relu(ir.norm(ir.fc1(x.var(dim=(2, 3), unbiased=False)))))
     assert logits.min() < -90 and logits.max() > 90
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_flop_counter_counts_the_compiled_training_step(compiled, pool):
+    """Hand-counted: N, C, M, g, G, Hd, T = 4, 32, 25, 16, 2, 8, 3."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = ChannelEquilibrium(32, pool=pool)
+    x = torch.randn(4, 32, 5, 5, requires_grad=True)
+    n, c, m, g, groups, hd, iters = 4, 32, 25, 16, 2, 8, 3
+    newton = (iters - 1) * 3 * 2 * groups * g**3
+    operator = 2 * groups * g * g + newton + 2 * 2 * n * c * hd
+    operator_backward = 2 * groups * g * g + newton * 8 // 3 + 4 * 2 * n * c * hd
+    product = 2 * n * c * g * m
+    ms = 2 * 2 if pool else m  # the BD moments of the pooled map
+    with FlopCounterMode(display=False) as counter:
+        y = block(x)
+    assert counter.get_total_flops() == 2 * n * c * g * ms + product + operator
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    # gram and the input gradient: with pool, (W + Diag(d))ᵀ dY only, and the pooled moments'
+    # backward, a product of the pooled map
+    products = 2 * product + 2 * n * c * g * ms if pool else 3 * product
+    assert counter.get_total_flops() == products + operator_backward

@@ -23,6 +23,9 @@ Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g row
     :func:`ce_eval`: the eval-mode CE block of an (N, C, H, W) map, variances, gate and
     product per sample (no fallback: callers check :func:`kernels_usable`)
     :func:`stream_threshold`: outputs of this many bytes and more bypass the caches
+    ``torch.ops.cenet_kernels.ce_operator``/``ce_step`` and their backwards: the CE block's
+    training operator and whole training step (``ce_operator.cpp``, ``ce_step.cpp``; no
+    fallback: :mod:`cenet.layers.ce_operator` calls them where :func:`kernels_usable` holds)
     ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
     index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
 """
@@ -143,6 +146,42 @@ def _register_fakes() -> None:
         return 2 * n * c * group_size * m + gate
 
     register_flop_formula(torch.ops.cenet_kernels.ce_eval)(ce_eval_flops)
+
+    # The training operator and step: the products they compute, as matmuls count (the
+    # Newton iteration's g×g products, the covariance's μμᵀ, the gate's two layers; backward
+    # the Newton steps' eight products each and the gate's four).
+    def operator_flops(n: int, c: int, hd: int, groups: int, g: int, iters: int,
+                       backward: bool) -> int:
+        newton = (iters - 1) * (8 if backward else 3) * 2 * groups * g**3
+        return 2 * groups * g * g + newton + (4 if backward else 2) * 2 * n * c * hd
+
+    def ce_operator_flops(mean_bd, second, mean_ir, sq_ir, theta, fc1, ln_w, ln_b, fc2, eps_bd,
+                          eps_ir, ln_eps, num_iters, *args, **kwargs) -> int:
+        return operator_flops(*mean_bd, fc1[0], *second[:2], num_iters, False)
+
+    def ce_operator_backward_flops(grad_wm, grad_d, mean_ir, fc1, ln_w, fc2, forward_out, *args,
+                                   **kwargs) -> int:
+        iters, groups, g, _ = forward_out[15]
+        return operator_flops(*grad_d, fc1[0], groups, g, iters, True)
+
+    def ce_step_flops(x, group_size, theta, fc1, ln_w, ln_b, fc2, eps_bd, eps_ir, ln_eps,
+                      num_iters, *args, **kwargs) -> int:
+        n, c, h, w = x
+        products = 2 * (2 * n * c * group_size * h * w)  # moments and output
+        return products + operator_flops(n, c, fc1[0], c // group_size, group_size, num_iters,
+                                         False)
+
+    def ce_step_backward_flops(grad, x, fc1, ln_w, fc2, saved, *args, **kwargs) -> int:
+        n, c, h, w = x
+        iters, groups, g, _ = saved[-1]
+        products = 3 * (2 * n * c * g * h * w)  # gram and the input gradient's two products
+        return products + operator_flops(n, c, fc1[0], groups, g, iters, True)
+
+    for op, formula in ((torch.ops.cenet_kernels.ce_operator, ce_operator_flops),
+                        (torch.ops.cenet_kernels.ce_operator_backward, ce_operator_backward_flops),
+                        (torch.ops.cenet_kernels.ce_step, ce_step_flops),
+                        (torch.ops.cenet_kernels.ce_step_backward, ce_step_backward_flops)):
+        register_flop_formula(op)(formula)
 
 
 def kernels_available() -> bool:
