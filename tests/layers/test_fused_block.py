@@ -107,7 +107,7 @@ def test_fused_step_only_where_it_applies():
     for name, block in cases.items():
         assert not _fused(block(x)), name
     nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = ChannelEquilibrium(16)(nhwc)
+    y = ChannelEquilibrium(16, mode="bd")(nhwc)
     assert not _fused(y)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert type(BatchDecorrelation(16)(x).grad_fn).__name__ == "_FusedGroupBlockBackward"
@@ -200,3 +200,23 @@ def test_compiled_operator_only_for_the_operator_it_implements():
     block = ChannelEquilibrium(16)
     block.ir.norm = torch.nn.LayerNorm(4, elementwise_affine=False)
     assert not compiled_operator_usable(block, x)
+
+
+def test_channels_last_input_takes_the_compiled_step_in_nchw():
+    """A channels-last map is copied to NCHW for the compiled step and the result copied back:
+    the same output, gradients and running estimates as the channels-last graph, output and
+    input gradient channels-last."""
+    block = _perturbed(ChannelEquilibrium(32).double())
+    x = (torch.randn(4, 32, 6, 5, dtype=torch.float64) * 2 + 0.5)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y, compiled = _step(copy.deepcopy(block), x, grad)
+    assert type(y.grad_fn).__name__ == "_CompiledCEStepBackward"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    reference = copy.deepcopy(block)
+    reference.bd.fuse_training = False  # the channels-last graph of torch operations
+    y, ref = _step(reference, x, grad)
+    assert not _fused(y)
+    for a, b in zip(compiled, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)

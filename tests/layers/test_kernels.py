@@ -192,17 +192,23 @@ def test_fused_eval_only_where_it_applies(compiled, monkeypatch):
         (_trained("ce", 32, torch.float32), x, torch.enable_grad),  # autograd wants a graph
         (_trained("bd", 32, torch.float32), x, torch.no_grad),  # no IR branch
         (_trained("ce", 32, torch.float32, identity_init=True), x, torch.no_grad),
-        (_trained("ce", 32, torch.float32), x.to(memory_format=torch.channels_last),
-         torch.no_grad),
         (_trained("ce", 32, torch.float32).train(), x, torch.no_grad),
     ]
     for block, inp, ctx in cases:
         with ctx():
             assert torch.isfinite(block(inp)).all()
     assert calls == []
+    # channels-last input: through the kernel in NCHW, returned channels-last
+    block = _trained("ce", 32, torch.float32)
+    nhwc = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = block(nhwc)
+    assert calls == [1] and out.is_contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        torch.testing.assert_close(out, block(nhwc).detach(), atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         _trained("ce", 32, torch.float32)(x)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_flop_counter_counts_the_fused_eval(compiled):

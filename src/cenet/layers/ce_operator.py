@@ -28,6 +28,7 @@ from cenet import kernels
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.fused_block import DirectOperator
 from cenet.layers.instance_reweighting import InstanceReweighting
+from cenet.layers.moments import is_channels_last
 
 
 class CompiledCEOperator(DirectOperator):
@@ -90,6 +91,11 @@ class _CompiledCEStep(torch.autograd.Function):
     def forward(ctx, x: Tensor, block: nn.Module, theta: Tensor, fc1: Tensor, ln_w: Tensor,
                 ln_b: Tensor, fc2: Tensor) -> Tensor:
         bd, ir = block.bd, block.ir
+        # A channels-last map is copied to NCHW for the kernels, and the output and the input
+        # gradient back to channels-last (a gradient in the other layout would slow down the
+        # layers around the block).
+        ctx.channels_last = is_channels_last(x)
+        x = x.contiguous()
         out = torch.ops.cenet_kernels.ce_step(
             x, bd.group_size, theta, fc1, ln_w, ln_b, fc2, bd.eps, ir.eps, ir.norm.eps,
             bd.num_iters,
@@ -97,7 +103,7 @@ class _CompiledCEStep(torch.autograd.Function):
         _check_and_update(block, *out[4:7])
         ctx.save_for_backward(x, fc1, ln_w, fc2)
         ctx.saved = out[1:]  # all but the output: the moments' means and the operator's
-        return out[0]
+        return out[0].contiguous(memory_format=_layout(ctx.channels_last))
 
     @staticmethod
     @once_differentiable
@@ -106,9 +112,14 @@ class _CompiledCEStep(torch.autograd.Function):
         grad_x, *grads = torch.ops.cenet_kernels.ce_step_backward(
             grad.to(x.dtype), x, fc1, ln_w, fc2, ctx.saved
         )
+        grad_x = grad_x.contiguous(memory_format=_layout(ctx.channels_last))
         return (grad_x if ctx.needs_input_grad[0] else None, None,
                 *(gr if need else None
                   for gr, need in zip(grads, ctx.needs_input_grad[2:], strict=True)))
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _check_and_update(block: nn.Module, wm: Tensor, inv_std: Tensor, finite: Tensor) -> None:
@@ -126,8 +137,9 @@ def _check_and_update(block: nn.Module, wm: Tensor, inv_std: Tensor, finite: Ten
 
 def compiled_step(block: nn.Module, x: Tensor) -> Tensor:
     """The training step of ``block`` (a ``"ce"``-mode
-    :class:`~cenet.layers.ChannelEquilibrium` without pooling) on the NCHW-contiguous ``x``
-    (N, C, H, W) where :func:`compiled_operator_usable` holds; updates the running estimates.
+    :class:`~cenet.layers.ChannelEquilibrium` without pooling) on ``x`` (N, C, H, W), NCHW or
+    channels-last (copied to NCHW and back), where :func:`compiled_operator_usable` holds;
+    updates the running estimates. The output has the input's layout.
 
     Raises:
         FloatingPointError: if the batch statistics are not finite (nothing is updated).

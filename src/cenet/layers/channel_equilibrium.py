@@ -16,7 +16,12 @@ from cenet.layers.ce_operator import (
 from cenet.layers.fused_block import fused_group_block, parameter_slots
 from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
-from cenet.layers.moments import Moments, instance_variance, spatial_variance
+from cenet.layers.moments import (
+    Moments,
+    instance_variance,
+    is_channels_last,
+    spatial_variance,
+)
 
 CE_MODES = ("ce", "bd", "ir")
 
@@ -40,7 +45,8 @@ class ChannelEquilibrium(nn.Module):
     matrix, i.e. the grouped 1×1 convolution of :meth:`BatchDecorrelation.conv_weight` plus
     the IR diagonal; under
     ``torch.no_grad`` on CPU the whole eval block (variances, gate, product) is one compiled
-    kernel per sample (:func:`cenet.kernels.ce_eval`).
+    kernel per sample (:func:`cenet.kernels.ce_eval`). The compiled training step and the eval
+    kernel take a channels-last input by copying it to NCHW and the result back.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -120,15 +126,17 @@ class ChannelEquilibrium(nn.Module):
             out = self._fused_eval(x)
             if out is not None:
                 return out
+        if (self.training and self.mode == "ce" and not self.identity_init
+                and self.bd.fuse_training and not self.bd.pool
+                and compiled_operator_usable(self, x)):
+            check_input(x, self.num_features, type(self).__name__)
+            self.bd.check_positions(x)
+            return compiled_step(self, x)  # NCHW or channels-last
         if self.training and self.mode == "ce" and not self.identity_init and self.bd.fusable(x):
             check_input(x, self.num_features, type(self).__name__)
             self.bd.check_positions(x)
-            if not compiled_operator_usable(self, x):
-                operator = self._batch_operator
-            elif not self.bd.pool:
-                return compiled_step(self, x)
-            else:
-                operator = CompiledCEOperator(self)
+            operator = (CompiledCEOperator(self) if compiled_operator_usable(self, x)
+                        else self._batch_operator)
             return fused_group_block(x, self.bd.group_size, operator, parameter_slots(self),
                                      pool=self.bd.pool)
         if not self.identity_init:
@@ -151,17 +159,31 @@ class ChannelEquilibrium(nn.Module):
             return x * diag.to(x.dtype)[:, :, None, None]
         return apply_group_transform(x, wm, diag)
 
+    def _eval_kernel_usable(self, x: Tensor) -> bool:
+        """True if :func:`cenet.kernels.ce_eval` takes this block on ``x`` (of any layout):
+        an IR branch, no ``identity_init``, CPU tensors of one float32/float64 dtype."""
+        ir = self.ir
+        if ir is None or self.identity_init:
+            return False
+        group_size = 1 if self.bd is None else self.bd.group_size
+        return kernels.kernels_usable(group_size, x, ir.fc1.weight, ir.norm.weight, ir.norm.bias,
+                                      ir.fc2.weight)
+
     def _fused_eval(self, x: Tensor) -> Tensor | None:
         """Inference in one pass of the compiled kernel (:func:`cenet.kernels.ce_eval`): the
         same numbers as the general path, or ``None`` where the kernel does not apply (no IR
-        branch, ``identity_init``, channels-last or non-CPU input, other dtypes)."""
+        branch, ``identity_init``, non-CPU input, other dtypes). A channels-last input is
+        copied to NCHW for the kernel and the output back (1.1-13x faster than the
+        channels-last graph at CIFAR VGG's maps)."""
+        if not self._eval_kernel_usable(x):
+            return None
+        if not x.is_contiguous():
+            if not is_channels_last(x):
+                return None
+            out = self._fused_eval(x.contiguous())
+            return None if out is None else out.contiguous(memory_format=torch.channels_last)
         ir = self.ir
-        if ir is None or self.identity_init or not x.is_contiguous():
-            return None
         group_size = 1 if self.bd is None else self.bd.group_size
-        weights = (ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight)
-        if not kernels.kernels_usable(group_size, x, *weights):
-            return None
         wm, scale, fc1t, fc2t = self._eval_constants(x.dtype)
         return kernels.ce_eval(
             x, wm, fc1t, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale, group_size
