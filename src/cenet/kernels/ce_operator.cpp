@@ -135,7 +135,8 @@ void newton_group_backward(T* grad_p, const T* sn, T trace, const T* mu, const T
     grad_second[i] = gsn[i] / trace - (i % (g + 1) == 0 ? dot / trace : T(0));
   for (int64_t i = 0; i < g; ++i) {  // Σ = second - μμᵀ: dμ = -(dΣ + dΣᵀ) μ
     T acc = 0;
-    for (int64_t j = 0; j < g; ++j) acc += (grad_second[i * g + j] + grad_second[j * g + i]) * mu[j];
+    for (int64_t j = 0; j < g; ++j)
+      acc += (grad_second[i * g + j] + grad_second[j * g + i]) * mu[j];
     grad_mu[i] = -acc;
   }
 }
@@ -211,14 +212,8 @@ std::vector<Tensor> ce_operator(const Tensor& mean_bd, const Tensor& second,
     }
   });
   const Tensor gate = at::mm(r, fc2.t()).sigmoid_();
-  const Tensor d_mixed = at::empty_like(gate);
+  const Tensor d_mixed = gate * (inv_std * (1 - lam));
   finite = finite && std::isfinite(inv_std);
-  AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "ce_operator", [&] {
-    using T = scalar_t;
-    T *gp = gate.data_ptr<T>(), *dp = d_mixed.data_ptr<T>();
-    const T scale = T(inv_std) * T(1 - lam);
-    for (int64_t i = 0; i < n * c; ++i) dp[i] = gp[i] * scale;
-  });
   const auto scalar = [&](double v) { return at::full({1}, v, sn.options()); };
   std::vector<Tensor> out{wm * lam, d_mixed, wm, scalar(inv_std),
                           at::scalar_tensor(finite, at::kBool),

@@ -65,12 +65,11 @@ class CompiledCEOperator(DirectOperator):
     def backward(self, saved, grad_wm, grad_diag, params):
         *out, mean_ir, num_leaves = saved
         _, fc1, ln_w, _, fc2 = self._weights()
-        if grad_diag is None:
-            grad_diag = torch.zeros_like(out[1])
+        # (grad_diag: never None, the operator always has an IR diagonal; both gradients come
+        # from group_gram, contiguous and in the operator's dtype)
         (grad_mean_bd, grad_second, grad_mean_ir, grad_sq_ir,
          *grad_weights) = torch.ops.cenet_kernels.ce_operator_backward(
-            grad_wm.to(out[0].dtype).contiguous(), grad_diag.to(out[1].dtype).contiguous(),
-            mean_ir, fc1.detach(), ln_w.detach(), fc2.detach(), out,
+            grad_wm, grad_diag, mean_ir, fc1, ln_w, fc2, out
         )
         if num_leaves == 3:  # one set of moments: the IR statistics are the BD ones
             grad_leaves = [grad_mean_bd + grad_mean_ir, grad_sq_ir, grad_second]

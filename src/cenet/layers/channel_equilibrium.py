@@ -126,19 +126,18 @@ class ChannelEquilibrium(nn.Module):
             out = self._fused_eval(x)
             if out is not None:
                 return out
-        if (self.training and self.mode == "ce" and not self.identity_init
-                and self.bd.fuse_training and not self.bd.pool
-                and compiled_operator_usable(self, x)):
-            check_input(x, self.num_features, type(self).__name__)
-            self.bd.check_positions(x)
-            return compiled_step(self, x)  # NCHW or channels-last
-        if self.training and self.mode == "ce" and not self.identity_init and self.bd.fusable(x):
-            check_input(x, self.num_features, type(self).__name__)
-            self.bd.check_positions(x)
-            operator = (CompiledCEOperator(self) if compiled_operator_usable(self, x)
-                        else self._batch_operator)
-            return fused_group_block(x, self.bd.group_size, operator, parameter_slots(self),
-                                     pool=self.bd.pool)
+        if self.training and self.mode == "ce" and not self.identity_init:
+            compiled = self.bd.fuse_training and compiled_operator_usable(self, x)
+            if compiled and not self.bd.pool:
+                check_input(x, self.num_features, type(self).__name__)
+                self.bd.check_positions(x)
+                return compiled_step(self, x)  # NCHW or channels-last
+            if self.bd.fusable(x):
+                check_input(x, self.num_features, type(self).__name__)
+                self.bd.check_positions(x)
+                operator = CompiledCEOperator(self) if compiled else self._batch_operator
+                return fused_group_block(x, self.bd.group_size, operator,
+                                         parameter_slots(self), pool=self.bd.pool)
         if not self.identity_init:
             if self.mode == "bd":
                 return self.bd(x)
@@ -175,19 +174,17 @@ class ChannelEquilibrium(nn.Module):
         branch, ``identity_init``, non-CPU input, other dtypes). A channels-last input is
         copied to NCHW for the kernel and the output back (1.1-13x faster than the
         channels-last graph at CIFAR VGG's maps)."""
-        if not self._eval_kernel_usable(x):
+        channels_last = is_channels_last(x)
+        if not (x.is_contiguous() or channels_last) or not self._eval_kernel_usable(x):
             return None
-        if not x.is_contiguous():
-            if not is_channels_last(x):
-                return None
-            out = self._fused_eval(x.contiguous())
-            return None if out is None else out.contiguous(memory_format=torch.channels_last)
         ir = self.ir
         group_size = 1 if self.bd is None else self.bd.group_size
         wm, scale, fc1t, fc2t = self._eval_constants(x.dtype)
-        return kernels.ce_eval(
-            x, wm, fc1t, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale, group_size
+        out = kernels.ce_eval(
+            x.contiguous(), wm, fc1t, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale,
+            group_size,
         )
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
     def _eval_constants(self, dtype: torch.dtype) -> tuple[Tensor | None, float, Tensor, Tensor]:
         """λ·W_run (G, g, g) or None, (1 − λ)·ŝ^{-1/2} and the two gate layers transposed,

@@ -132,37 +132,44 @@ class _FusedGroupBlock(torch.autograd.Function):
         groups = ctx.groups
         n = b // groups
         grad = grad.reshape(x.shape).to(x.dtype)
-        if isinstance(ctx.graph[0], DirectOperator):
+        direct = isinstance(ctx.graph[0], DirectOperator)
+        if direct:
             operator, saved, params = ctx.graph
             wm, diag = saved[0], saved[1]
-            grad_wm, grad_diag = kernels.group_gram(grad, x, groups, with_diag=diag is not None)
-            grad_leaves, grad_params = operator.backward(
-                saved, grad_wm, None if grad_diag is None else grad_diag.view(n, groups * g),
-                params,
-            )
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = _input_grad(x, xs, grad, wm, diag, grad_leaves, groups, ctx.shape)
-            return (grad_x, None, None, None, None, None, *grad_params)
-        # The small graph stays with this node (a few KiB) and is kept by autograd.grad, so
-        # that a graph run backward twice (retain_graph=True, gradcheck) works as unfused.
-        leaves, wm, diag, params = ctx.graph
+        else:
+            leaves, wm, diag, params = ctx.graph
         grad_wm, grad_diag = kernels.group_gram(grad, x, groups, with_diag=diag is not None)
-        outputs, grad_outputs = [wm], [grad_wm.to(wm.dtype)]
-        if diag is not None:
-            outputs.append(diag)
-            grad_outputs.append(grad_diag.view(n, groups * g).to(diag.dtype))
-        wanted = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(outputs, [*leaves, *wanted], grad_outputs, allow_unused=True,
-                                    retain_graph=True)
-        grad_leaves = [torch.zeros_like(leaf) if gr is None else gr
-                       for leaf, gr in zip(leaves, grads[: len(leaves)], strict=True)]
+        if grad_diag is not None:
+            grad_diag = grad_diag.view(n, groups * g)
+        if direct:
+            grad_leaves, grad_params = operator.backward(saved, grad_wm, grad_diag, params)
+        else:
+            grad_leaves, grad_params = _graph_backward(leaves, wm, diag, params, grad_wm,
+                                                       grad_diag)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(x, xs, grad, wm.detach(), diag, grad_leaves, groups, ctx.shape)
-        rest = iter(grads[len(leaves):])
-        grad_params = (next(rest) if p.requires_grad else None for p in params)
         return (grad_x, None, None, None, None, None, *grad_params)
+
+
+def _graph_backward(leaves: list[Tensor], wm: Tensor, diag: Tensor | None, params: list[Tensor],
+                    grad_wm: Tensor, grad_diag: Tensor | None
+                    ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The gradients of the moments (leaves) and parameters through the kept small graph.
+
+    The graph stays with the node (a few KiB) and is kept by ``autograd.grad``, so that a
+    graph run backward twice (retain_graph=True, gradcheck) works as unfused."""
+    outputs, grad_outputs = [wm], [grad_wm.to(wm.dtype)]
+    if diag is not None:
+        outputs.append(diag)
+        grad_outputs.append(grad_diag.to(diag.dtype))
+    wanted = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(outputs, [*leaves, *wanted], grad_outputs, allow_unused=True,
+                                retain_graph=True)
+    grad_leaves = [torch.zeros_like(leaf) if gr is None else gr
+                   for leaf, gr in zip(leaves, grads[: len(leaves)], strict=True)]
+    rest = iter(grads[len(leaves):])
+    return grad_leaves, [next(rest) if p.requires_grad else None for p in params]
 
 
 def _symmetrized(grad_second: Tensor, count: int, dtype: torch.dtype) -> Tensor:
