@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cenet.layers import functional as CF
+from cenet.layers._running import all_finite, check_finite, update_running_
 from cenet.layers._validate import (
     check_eps,
     check_group_size,
@@ -12,11 +14,6 @@ from cenet.layers._validate import (
     check_positive_int,
     check_unit_interval,
 )
-from cenet.layers.fused_block import fused_block_usable, fused_group_block
-from cenet.layers.grouped import apply_group_transform, group_conv_weight
-from cenet.layers.moments import Moments, batch_covariance, group_moments
-from cenet.layers.newton import newton_schulz_isqrt, trace_normalize
-from cenet.layers.pooling import max_pool_2x2
 
 
 class BatchDecorrelation(nn.Module):
@@ -25,14 +22,11 @@ class BatchDecorrelation(nn.Module):
     In training, each group of ``group_size`` consecutive channels gets the covariance Σ of
     the batch (Eqn 5, over N·H·W positions, of the 2×2-max-pooled input when ``pool``), its
     trace-normalized Σ_N = Σ / tr Σ, and W ≈ Σ_N^{-1/2} from ``num_iters`` Newton steps
-    (Eqn 6). W is applied to the full-resolution, un-centered input. The running estimate
+    (Eqn 6), applied to the full-resolution, un-centered input. The running estimate
     ``running_wm`` (G, g, g) follows Eqn 32 with ``momentum`` and starts at I; in eval the
-    branch is the fixed grouped 1×1 convolution with weight :meth:`conv_weight` (computed as a
-    batched matrix product for NCHW input, which gives the same numbers several times faster
-    than a grouped convolution in NCHW on CPU). In training on an NCHW CPU tensor,
-    statistics, Newton and product form one autograd node whose backward makes one
-    pass for the input gradient (:mod:`cenet.layers.fused_block`); a subclass that changes
-    :meth:`statistics` (for example to all-reduce them) sets ``fuse_training = False``.
+    branch is the fixed grouped 1×1 convolution with weight :meth:`conv_weight`. The maths is
+    :mod:`cenet.layers.functional`; as a part of :class:`~cenet.layers.ChannelEquilibrium`
+    this module only holds the buffer and the settings.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -48,13 +42,11 @@ class BatchDecorrelation(nn.Module):
 
     Raises:
         ValueError: in ``__init__`` for a group size that does not divide C or non-positive
-            ``num_iters``/``eps``; in ``forward`` for a non-4D input, a wrong channel count,
-            fewer than 2 positions per group in training, or a non-finite covariance (the
-            running buffer is left untouched).
+            ``num_iters``/``eps``; in ``forward`` for a non-4D input, a wrong channel count or
+            fewer than 2 positions per group in training.
+        FloatingPointError: in eager CPU training, for a batch whose covariance is not finite
+            (the running buffer is left untouched).
     """
-
-    #: use the fused training node where it applies (see the class docstring)
-    fuse_training: bool = True
 
     def __init__(
         self,
@@ -81,7 +73,7 @@ class BatchDecorrelation(nn.Module):
         self.momentum = momentum
         self.pool = pool
         eye = torch.eye(group_size, device=device, dtype=dtype or torch.float32)
-        self.register_buffer("running_wm", eye.repeat(self.num_groups, 1, 1).contiguous())
+        self.register_buffer("running_wm", eye.repeat(self.num_groups, 1, 1))
 
     def extra_repr(self) -> str:
         return (
@@ -92,17 +84,9 @@ class BatchDecorrelation(nn.Module):
     def reset_running_stats(self) -> None:
         """Reset ``running_wm`` to the identity."""
         with torch.no_grad():
-            self.running_wm.copy_(torch.eye(self.group_size, dtype=self.running_wm.dtype))
-
-    def statistics(self, x: Tensor) -> Moments:
-        """The batch statistics: :func:`group_moments` of x, or of its 2×2 max pooling when
-        ``pool`` (what a distributed version would all-reduce).
-
-        Raises:
-            ValueError: if there are fewer than 2 positions (N·H·W) to estimate from.
-        """
-        self.check_positions(x)
-        return group_moments(max_pool_2x2(x) if self.pool else x, self.group_size)
+            eye = torch.eye(self.group_size, dtype=self.running_wm.dtype,
+                            device=self.running_wm.device)
+            self.running_wm.copy_(eye)
 
     def check_positions(self, x: Tensor) -> None:
         """Raise ``ValueError`` if the statistics of x (N, C, H, W) (after the pooling, with
@@ -118,40 +102,26 @@ class BatchDecorrelation(nn.Module):
                 + "; use a larger batch or call .eval()"
             )
 
-    def whitening_matrix(self, moments: Moments) -> Tensor:
-        """W = Newton(Σ_N) (G, g, g) from the batch moments, and the running-estimate update.
+    def batch_matrix(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """W (G, g, g) of the batch x (Eqns 5-6) and a bool flag: its covariance is finite."""
+        cov = CF.batch_covariance(CF.group_statistics(x, self.group_size, pool=self.pool))
+        return CF.whitening_matrix(cov, self.num_iters, self.eps), all_finite(cov)
 
-        Raises:
-            FloatingPointError: if the covariance is not finite; nothing is updated then.
-        """
-        cov = batch_covariance(moments, self.eps)
-        if not torch.isfinite(cov).all():
-            raise FloatingPointError(
-                "BatchDecorrelation: the batch covariance is not finite (NaN/Inf in the "
-                "input); the running whitening matrix was not updated"
-            )
-        wm = newton_schulz_isqrt(trace_normalize(cov), self.num_iters)
-        with torch.no_grad():
-            self.running_wm.lerp_(wm.detach().to(self.running_wm.dtype), self.momentum)
-        return wm
+    def update_running(self, wm: Tensor, finite: Tensor) -> None:
+        """``running_wm`` ← (1 − m)·running_wm + m·W (Eqn 32), unless ``finite`` is False."""
+        update_running_(self.running_wm, wm, self.momentum, finite)
 
     def conv_weight(self) -> Tensor:
         """The eval-time BD as the weight (C, g, 1, 1) of a grouped 1×1 convolution
         (groups = G), ready to fold into the preceding convolution."""
-        return group_conv_weight(self.running_wm)
+        return self.running_wm.reshape(self.num_features, self.group_size, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
-        if self.training and self.fusable(x):
-            self.check_positions(x)
-            return fused_group_block(x, self.group_size, self._batch_operator, [], pool=self.pool)
-        wm = self.whitening_matrix(self.statistics(x)) if self.training else self.running_wm
-        return apply_group_transform(x, wm)
-
-    def fusable(self, x: Tensor) -> bool:
-        """True if training on ``x`` takes the fused node: ``fuse_training`` and
-        :func:`cenet.layers.fused_block.fused_block_usable`."""
-        return self.fuse_training and fused_block_usable(x, self.group_size, self.pool)
-
-    def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, None]:
-        return self.whitening_matrix(moments), None
+        if not self.training:
+            return CF.channel_equilibrium(x, self.running_wm, None)
+        self.check_positions(x)
+        wm, finite = self.batch_matrix(x)
+        check_finite(finite, type(self).__name__)
+        self.update_running(wm, finite)
+        return CF.channel_equilibrium(x, wm, None)

@@ -6,24 +6,21 @@ import torch
 from torch import Tensor, nn
 
 from cenet import kernels
+from cenet.layers import functional as CF
+from cenet.layers._running import check_finite
 from cenet.layers._validate import check_input
 from cenet.layers.batch_decorrelation import BatchDecorrelation
-from cenet.layers.ce_operator import (
-    CompiledCEOperator,
-    compiled_operator_usable,
-    compiled_step,
-)
-from cenet.layers.fused_block import fused_group_block, parameter_slots
-from cenet.layers.grouped import apply_group_transform
 from cenet.layers.instance_reweighting import InstanceReweighting
-from cenet.layers.moments import (
-    Moments,
-    instance_variance,
-    is_channels_last,
-    spatial_variance,
-)
 
 CE_MODES = ("ce", "bd", "ir")
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_active() -> bool:
+    """The native kernels are loaded for some instruction set (a constant while tracing)."""
+    return kernels.active_isa() is not None
 
 
 class ChannelEquilibrium(nn.Module):
@@ -32,21 +29,14 @@ class ChannelEquilibrium(nn.Module):
     The relaxed decorrelation operator of Eqn 4: BD (:class:`BatchDecorrelation`, Eqns 5-6) and
     IR (:class:`InstanceReweighting`, Eqns 7-8) mixed by λ = sigmoid(θ), θ a learnable scalar
     starting at 0 (λ = 0.5). Modes (paper Table 4): ``"ce"`` (λ learnable), ``"bd"`` (λ ≡ 1,
-    no IR branch), ``"ir"`` (λ ≡ 0, no BD branch).
+    no IR branch), ``"ir"`` (λ ≡ 0, no BD branch). Both branches are linear maps of x̃ per
+    sample, so the block applies one block-diagonal matrix per sample,
+    A_n = λ·W + (1 − λ)·Diag(d_n) (:func:`cenet.layers.functional.channel_equilibrium`).
 
-    Both branches are linear maps of x̃ per sample, so in ``"ce"`` mode the block applies one
-    block-diagonal matrix per sample, A_n = λ·W + (1 − λ)·Diag(d_n) (W the group-wise BD
-    matrix, d_n the IR weights), in a single batched product; the statistics of both branches
-    come from one pass of per-sample moments (:func:`cenet.layers.moments.group_moments`).
-    In training on an NCHW CPU tensor (without ``identity_init``), moments, operator
-    and product are one autograd node with a one-pass input gradient
-    (:mod:`cenet.layers.fused_block`), the operator computed by a compiled op with a
-    hand-written backward (:mod:`cenet.layers.ce_operator`). In eval, W is the running
-    matrix, i.e. the grouped 1×1 convolution of :meth:`BatchDecorrelation.conv_weight` plus
-    the IR diagonal; under
-    ``torch.no_grad`` on CPU the whole eval block (variances, gate, product) is one compiled
-    kernel per sample (:func:`cenet.kernels.ce_eval`). The compiled training step and the eval
-    kernel take a channels-last input by copying it to NCHW and the result back.
+    Two implementations compute it: the reference (:mod:`cenet.layers.functional`, any device,
+    ``torch.compile``, ``torch.export``) and, on the CPU, the native operators
+    (:mod:`cenet.kernels.ops`); :meth:`uses_native` chooses. Running estimates are updated in
+    one place, :meth:`_update_running`, from the statistics the forward used.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -63,13 +53,16 @@ class ChannelEquilibrium(nn.Module):
             same linear map: no extra pass over the feature map).
 
     Shape:
-        input (N, C, H, W), output (N, C, H, W).
+        input (N, C, H, W), output (N, C, H, W), same dtype and memory layout.
 
     Raises:
         ValueError: in ``__init__`` for an unknown mode or invalid branch arguments; in
             ``forward`` for a non-4D input, a wrong channel count or too few positions.
-        FloatingPointError: in training for a batch whose statistics are not finite, raised
-            before any running buffer is updated.
+        TypeError: in ``forward`` for an input whose dtype does not match the module's
+            (a float16/bfloat16 input into a float32 module is mixed precision and allowed).
+        FloatingPointError: in eager CPU training for a batch whose statistics are not
+            finite, raised before any running buffer is updated (elsewhere the buffers are
+            kept unchanged for such a batch).
     """
 
     def __init__(
@@ -120,33 +113,88 @@ class ChannelEquilibrium(nn.Module):
             return torch.sigmoid(self.theta)
         return torch.full((1,), float(self.mode == "bd"))
 
+    def _param_dtype(self) -> torch.dtype:
+        return (self.bd.running_wm if self.bd is not None else self.ir.fc1.weight).dtype
+
+    def uses_native(self, x: Tensor) -> bool:
+        """The dispatch: True if the native CPU operator computes this block on ``x``.
+
+        Native where the kernels are loaded (:func:`cenet.kernels.active_isa`), ``x`` is an
+        NCHW or channels-last CPU tensor of the module's float32/float64 dtype, and the
+        operator covers the configuration: in training ``"ce"`` mode without pooling (the
+        stem's pooled CE, ``"bd"``/``"ir"`` modes and ``identity_init`` use the reference),
+        in eval an IR branch under ``torch.no_grad`` (the op has no autograd formula).
+        """
+        if not (_kernels_active() and x.device.type == "cpu"
+                and x.dtype in _NATIVE_DTYPES and x.dtype == self._param_dtype()
+                and (x.is_contiguous() or CF.is_channels_last(x))
+                and not self.identity_init and (self.bd is None or self.bd.group_size <= 64)):
+            return False
+        if self.training:
+            return self.mode == "ce" and not self.bd.pool
+        return self.ir is not None and not torch.is_grad_enabled()
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and not torch.is_grad_enabled():
-            check_input(x, self.num_features, type(self).__name__)
-            out = self._fused_eval(x)
-            if out is not None:
-                return out
-        if self.training and self.mode == "ce" and not self.identity_init:
-            compiled = self.bd.fuse_training and compiled_operator_usable(self, x)
-            if compiled and not self.bd.pool:
-                check_input(x, self.num_features, type(self).__name__)
-                self.bd.check_positions(x)
-                return compiled_step(self, x)  # NCHW or channels-last
-            if self.bd.fusable(x):
-                check_input(x, self.num_features, type(self).__name__)
-                self.bd.check_positions(x)
-                operator = CompiledCEOperator(self) if compiled else self._batch_operator
-                return fused_group_block(x, self.bd.group_size, operator,
-                                         parameter_slots(self), pool=self.bd.pool)
-        if not self.identity_init:
-            if self.mode == "bd":
-                return self.bd(x)
-            if self.mode == "ir":
-                return self.ir(x)
+        self._check_input(x)
+        if self.training and self.bd is not None:
+            self.bd.check_positions(x)
+        if self.uses_native(x):
+            return self._native(x)
+        return self._reference(x)
+
+    def _check_input(self, x: Tensor) -> None:
         check_input(x, self.num_features, type(self).__name__)
-        wm, diag = self._operator(x)
-        if self.identity_init:
-            # y = (1 − g)·x + g·CE(x): folded into the operator, W' = gW + (1 − g)I, d' = g·d.
+        dtype = self._param_dtype()
+        if x.dtype != dtype and not (x.dtype in _LOW_PRECISION and dtype == torch.float32):
+            raise TypeError(
+                f"{type(self).__name__}: input dtype {x.dtype} does not match the module's "
+                f"dtype {dtype}; convert one of them (module.to({x.dtype}) or "
+                f"x.to({dtype})), or run a float32 module under torch.autocast"
+            )
+
+    def _native(self, x: Tensor) -> Tensor:
+        from cenet.kernels import ops
+
+        ir = self.ir
+        if self.training:
+            step = ops.ce_train(
+                x, self.theta, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight,
+                group_size=self.bd.group_size, num_iters=self.bd.num_iters, eps_bd=self.bd.eps,
+                eps_ir=ir.eps, ln_eps=ir.norm.eps,
+            )
+            self._update_running(step.wm, step.inv_std, step.finite)
+            return step.output
+        lam = self.lam.to(x.dtype)
+        wm = None if self.bd is None else lam * self.bd.running_wm
+        return ops.ce_eval(x, wm, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight,
+                           (1 - lam) * ir.running_inv_std, group_size=self._group_size(),
+                           ln_eps=ir.norm.eps)
+
+    def _group_size(self) -> int:
+        return 1 if self.bd is None else self.bd.group_size
+
+    def _reference(self, x: Tensor) -> Tensor:
+        bd, ir = self.bd, self.ir
+        wm = diag = inv_std = None
+        finite = x.new_ones((), dtype=torch.bool)
+        if bd is not None:
+            wm = bd.running_wm
+            if self.training:
+                wm, bd_finite = bd.batch_matrix(x)
+                finite = finite & bd_finite
+        if ir is not None:
+            inst_var = CF.instance_variance(x)
+            inv_std = ir.running_inv_std
+            if self.training:
+                inv_std, ir_finite = ir.batch_scale(inst_var)
+                finite = finite & ir_finite
+            diag = ir.gate(inst_var) * inv_std
+        if self.training:
+            self._update_running(wm, inv_std, finite)
+        if self.mode == "ce":
+            lam = torch.sigmoid(self.theta)
+            wm, diag = lam * wm, (1 - lam) * diag
+        if self.identity_init:  # (1 − g)·x + g·CE(x) = (g·W + (1 − g)·I + Diag(g·d)) x
             g = self.gate
             diag = None if diag is None else g * diag
             if wm is None:
@@ -154,93 +202,13 @@ class ChannelEquilibrium(nn.Module):
             else:
                 eye = torch.eye(wm.shape[-1], dtype=wm.dtype, device=wm.device)
                 wm = g * wm + (1 - g) * eye
-        if wm is None:
-            return x * diag.to(x.dtype)[:, :, None, None]
-        return apply_group_transform(x, wm, diag)
+        return CF.channel_equilibrium(x, wm, diag)
 
-    def _eval_kernel_usable(self, x: Tensor) -> bool:
-        """True if :func:`cenet.kernels.ce_eval` takes this block on ``x`` (of any layout):
-        an IR branch, no ``identity_init``, CPU tensors of one float32/float64 dtype."""
-        ir = self.ir
-        if ir is None or self.identity_init:
-            return False
-        group_size = 1 if self.bd is None else self.bd.group_size
-        return kernels.kernels_usable(group_size, x, ir.fc1.weight, ir.norm.weight, ir.norm.bias,
-                                      ir.fc2.weight)
-
-    def _fused_eval(self, x: Tensor) -> Tensor | None:
-        """Inference in one pass of the compiled kernel (:func:`cenet.kernels.ce_eval`): the
-        same numbers as the general path, or ``None`` where the kernel does not apply (no IR
-        branch, ``identity_init``, non-CPU input, other dtypes). A channels-last input is
-        copied to NCHW for the kernel and the output back (1.1-13x faster than the
-        channels-last graph at CIFAR VGG's maps)."""
-        channels_last = is_channels_last(x)
-        if not (x.is_contiguous() or channels_last) or not self._eval_kernel_usable(x):
-            return None
-        ir = self.ir
-        group_size = 1 if self.bd is None else self.bd.group_size
-        wm, scale, fc1t, fc2t = self._eval_constants(x.dtype)
-        out = kernels.ce_eval(
-            x.contiguous(), wm, fc1t, ir.norm.weight, ir.norm.bias, ir.norm.eps, fc2t, scale,
-            group_size,
-        )
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-    def _eval_constants(self, dtype: torch.dtype) -> tuple[Tensor | None, float, Tensor, Tensor]:
-        """λ·W_run (G, g, g) or None, (1 − λ)·ŝ^{-1/2} and the two gate layers transposed,
-        (C, C/r) and (C/r, C), for the eval kernel, kept until a parameter or running buffer
-        they come from changes (tensor identity, storage and version counter: in-place updates
-        such as an optimizer step or ``load_state_dict`` count)."""
-        ir = self.ir
-        sources = [ir.running_inv_std, ir.fc1.weight, ir.fc2.weight]
+    def _update_running(self, wm: Tensor | None, inv_std: Tensor | None, finite: Tensor) -> None:
+        """The one place where the running estimates change (Eqn 32): raise for a non-finite
+        batch (eager CPU), else blend in the statistics the forward used."""
+        check_finite(finite, type(self).__name__)
         if self.bd is not None:
-            sources += [self.theta, self.bd.running_wm]
-        # (a module built under inference_mode has inference tensors: no version counter, so
-        # nothing is kept)
-        key = None
-        if not any(t.is_inference() for t in sources):
-            key = (dtype, *((id(t), t.data_ptr(), t._version) for t in sources))
-        cached = self.__dict__.get("_eval_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            wm, scale = None, ir.running_inv_std
-            if self.bd is not None:
-                lam = torch.sigmoid(self.theta)
-                wm, scale = (lam * self.bd.running_wm).to(dtype), (1 - lam) * scale
-            value = (wm, float(scale), ir.fc1.weight.t().contiguous().to(dtype),
-                     ir.fc2.weight.t().contiguous().to(dtype))
-        self.__dict__["_eval_cache"] = (key, value)
-        return value
-
-    def _operator(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The block's linear map: shared group matrices (G, g, g) and per-sample diagonals
-        (N, C), A_n = λ·W + (1 − λ)·Diag(d_n); ``None`` for a branch that is not built.
-        In training this updates the running statistics."""
-        moments = None
-        if self.bd is None:
-            wm = None
-        elif self.training:
-            moments = self.bd.statistics(x)
-            wm = self.bd.whitening_matrix(moments)
-        else:
-            wm = self.bd.running_wm
-        diag = None
+            self.bd.update_running(wm, finite)
         if self.ir is not None:
-            use_moments = moments is not None and not self.bd.pool
-            inst_var = instance_variance(moments) if use_moments else spatial_variance(x)
-            diag = self.ir.channel_scale(inst_var)
-        return self._mixed(wm, diag) if self.mode == "ce" else (wm, diag)
-
-    def _mixed(self, wm: Tensor, diag: Tensor) -> tuple[Tensor, Tensor]:
-        """λ·W and (1 − λ)·d (Eqn 4), λ = sigmoid(θ)."""
-        lam = torch.sigmoid(self.theta)
-        return lam * wm, (1 - lam) * diag
-
-    def _batch_operator(self, moments: Moments, ir_moments: Moments) -> tuple[Tensor, Tensor]:
-        """The training operator of ``"ce"`` mode: λ·W from the BD moments (of the pooled
-        input with ``pool``) and (1 − λ)·d from the per-sample moments of the input; updates
-        the running statistics (:class:`cenet.layers.ce_operator.CompiledCEOperator` computes
-        the same numbers with a hand-written backward)."""
-        wm = self.bd.whitening_matrix(moments)
-        return self._mixed(wm, self.ir.channel_scale(instance_variance(ir_moments)))
+            self.ir.update_running(inv_std, finite)

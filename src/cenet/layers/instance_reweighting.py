@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cenet.layers import functional as CF
+from cenet.layers._running import all_finite, check_finite, update_running_
 from cenet.layers._validate import check_eps, check_input, check_unit_interval
-from cenet.layers.moments import spatial_variance
 
 
 class InstanceReweighting(nn.Module):
@@ -16,7 +17,8 @@ class InstanceReweighting(nn.Module):
     The gate f(σ̃²_n) = Sigmoid(W₂ ReLU(LN(W₁ σ̃²_n))) with W₁ (C/r × C) and W₂ (C × C/r)
     without biases and a LayerNorm over the C/r hidden features. s is the mean of σ̃² over
     the batch and the channels (one scalar); (s + ε)^{-1/2} scales the output in training, its
-    running estimate ``running_inv_std`` (Eqn 32, initialized to 1) in eval.
+    running estimate ``running_inv_std`` (Eqn 32, initialized to 1) in eval. The maths is
+    :mod:`cenet.layers.functional`.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
@@ -31,6 +33,8 @@ class InstanceReweighting(nn.Module):
     Raises:
         ValueError: in ``__init__`` for ``rd_ratio`` outside (0, 1] or non-positive ``eps``;
             in ``forward`` for a non-4D input or a wrong channel count.
+        FloatingPointError: in eager CPU training, for a batch whose scale s is not finite
+            (the running buffer is left untouched).
     """
 
     def __init__(
@@ -67,31 +71,25 @@ class InstanceReweighting(nn.Module):
 
     def gate(self, inst_var: Tensor) -> Tensor:
         """f(σ̃²_n) ∈ (0, 1), (N, C), from instance variances (N, C) (Eqn 21)."""
-        hidden = torch.relu(self.norm(self.fc1(inst_var.to(self.fc1.weight.dtype))))
-        return torch.sigmoid(self.fc2(hidden))
+        return CF.instance_gate(inst_var, self.fc1.weight, self.norm.weight, self.norm.bias,
+                                self.fc2.weight, self.norm.eps)
 
-    def channel_scale(self, inst_var: Tensor) -> Tensor:
-        """The per-sample channel weights d_n = f(σ̃²_n) · s^{-1/2}, (N, C) (Eqn 8).
+    def batch_scale(self, inst_var: Tensor) -> tuple[Tensor, Tensor]:
+        """(s + ε)^{-1/2} (1,) of the batch and a bool flag: it is finite (Eqn 8)."""
+        inv_std = CF.batch_inv_std(inst_var, self.eps)
+        return inv_std, all_finite(inv_std)
 
-        In training this updates ``running_inv_std`` from the batch's s.
-
-        Raises:
-            FloatingPointError: in training, if s is not finite; nothing is updated then.
-        """
-        if self.training:
-            inv_std = (inst_var.mean() + self.eps).rsqrt()
-            if not torch.isfinite(inv_std):
-                raise FloatingPointError(
-                    "InstanceReweighting: the batch variance is not finite (NaN/Inf in the "
-                    "input); the running scale was not updated"
-                )
-            with torch.no_grad():
-                self.running_inv_std.lerp_(inv_std.detach().reshape(1), self.momentum)
-        else:
-            inv_std = self.running_inv_std
-        return self.gate(inst_var) * inv_std
+    def update_running(self, inv_std: Tensor, finite: Tensor) -> None:
+        """``running_inv_std`` ← (1 − m)·running + m·(s + ε)^{-1/2} (Eqn 32), unless
+        ``finite`` is False."""
+        update_running_(self.running_inv_std, inv_std, self.momentum, finite)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
-        inst_var = spatial_variance(x)
-        return x * self.channel_scale(inst_var).to(x.dtype)[:, :, None, None]
+        inst_var = CF.instance_variance(x)
+        inv_std = self.running_inv_std
+        if self.training:
+            inv_std, finite = self.batch_scale(inst_var)
+            check_finite(finite, type(self).__name__)
+            self.update_running(inv_std, finite)
+        return CF.channel_equilibrium(x, None, self.gate(inst_var) * inv_std)

@@ -23,9 +23,13 @@ from cenet.layers._validate import (
     check_positive_int,
     check_unit_interval,
 )
-from cenet.layers.grouped import apply_group_transform
-from cenet.layers.moments import batch_covariance, group_moments
-from cenet.layers.newton import newton_schulz_isqrt, trace_normalize
+from cenet.layers.functional import (
+    batch_covariance,
+    channel_equilibrium,
+    group_statistics,
+    newton_schulz_isqrt,
+    trace_normalize,
+)
 
 
 class _GroupWhiteningNorm(nn.Module):
@@ -110,14 +114,15 @@ class _GroupWhiteningNorm(nn.Module):
                 f"covariance, got N·H·W = {n}·{h}·{w} = {n * h * w}; use a larger batch or "
                 f"call .eval()"
             )
-        moments = group_moments(x, self.group_size)
-        cov = batch_covariance(moments, self.eps)
+        stats = group_statistics(x, self.group_size)
+        cov = batch_covariance(stats)
+        cov = cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         if not torch.isfinite(cov).all():
             raise FloatingPointError(
                 f"{name}: the batch covariance is not finite (NaN/Inf in the input); the "
                 f"running statistics were not updated"
             )
-        mean = moments.mean.mean(0)
+        mean = (stats.total / stats.count).reshape(self.num_features)
         wm = self.whitening(cov)
         if not torch.isfinite(wm).all():
             raise FloatingPointError(
@@ -138,7 +143,7 @@ class _GroupWhiteningNorm(nn.Module):
             else:
                 mean, wm = self.running_mean, self.running_wm
             xc = x.to(dtype) - mean.to(dtype)[:, None, None]
-            out = apply_group_transform(xc, wm.to(dtype))
+            out = channel_equilibrium(xc, wm.to(dtype), None)
             if self.affine:
                 out = torch.addcmul(self.bias.to(dtype)[:, None, None], out,
                                     self.weight.to(dtype)[:, None, None])
@@ -152,7 +157,7 @@ class IterNorm(_GroupWhiteningNorm):
     In training, per group of ``group_size`` consecutive channels: the batch mean μ and
     covariance Σ = (1/M) Σ (x − μ)(x − μ)ᵀ + εI over the M = N·H·W positions; Σ_N = Σ / tr Σ;
     P_T from ``num_iters`` Newton steps P_k = ½(3P_{k−1} − P_{k−1}³ Σ_N), P_0 = I
-    (:func:`cenet.layers.newton.newton_schulz_isqrt`); the whitening matrix
+    (:func:`cenet.layers.functional.newton_schulz_isqrt`); the whitening matrix
     W = P_T / (tr Σ)^{1/2} (the trace rescaled back); x̂ = W (x − μ). With finite T the
     whitening is partial: an eigenvalue λ of Σ_N becomes the eigenvalue λ·p_T(λ)² < 1 of the
     covariance of x̂, the closer to 1 the larger λ and T.
@@ -173,7 +178,7 @@ class IterNorm(_GroupWhiteningNorm):
     Statistics, whitening and affine are computed in the input's dtype promoted to at least
     float32 with autocast disabled; the output has the input's dtype and memory layout (NCHW
     or channels-last, handled without copying by
-    :func:`cenet.layers.moments.group_moments`). Gradients flow through μ and W in training.
+    :func:`cenet.layers.functional.group_statistics`). Gradients flow through μ and W in training.
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
