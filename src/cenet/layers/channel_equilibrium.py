@@ -35,7 +35,7 @@ class ChannelEquilibrium(nn.Module):
 
     Two implementations compute it: the reference (:mod:`cenet.layers.functional`, any device,
     ``torch.compile``, ``torch.export``) and, on the CPU, the native operators
-    (:mod:`cenet.kernels.ops`); :meth:`uses_native` chooses. Running estimates are updated in
+    (:mod:`cenet.kernels.operators`); :meth:`uses_native` chooses. Running estimates are updated in
     one place, :meth:`_update_running`, from the statistics the forward used.
 
     Args:
@@ -153,7 +153,7 @@ class ChannelEquilibrium(nn.Module):
             )
 
     def _native(self, x: Tensor) -> Tensor:
-        from cenet.kernels import ops
+        from cenet.kernels import operators as ops
 
         ir = self.ir
         if self.training:

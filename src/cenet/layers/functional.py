@@ -2,7 +2,7 @@
 
 One function per step of the paper, without buffers, dispatch or device assumptions: this is
 the path that runs on CUDA, MPS and ``meta``, under ``torch.compile`` and ``torch.export``,
-and the reference that the native CPU operator (:mod:`cenet.kernels.ops`) is tested against.
+and the reference that the native CPU operator (:mod:`cenet.kernels.operators`) is tested against.
 
     x ─▶ group_statistics ─▶ batch_covariance ─▶ whitening_matrix          (BD, Eqns 5-6)
     x ─▶ instance_variance ─▶ batch_inv_std, instance_gate                 (IR, Eqns 7-8, 21)
