@@ -159,6 +159,21 @@ def test_converting_twice_raises():
     assert len(ce_names(model)) == 2
 
 
+def test_converting_the_same_norm_twice_by_name_raises_and_changes_nothing():
+    model = convert_ce(resnet18(), after="bn1")
+    wrapper = model.bn1
+    with pytest.raises(ValueError, match=r"^bn1 \(NormCE\) already has a CE .*BatchNorm2d"):
+        convert_ce(model, after="bn1")
+    assert model.bn1 is wrapper and type(wrapper.norm) is nn.BatchNorm2d
+    assert ce_names(model) == ["bn1.ce"]
+    # one such norm among new ones: none of them converted
+    convert_ce(model, after="layer1.0.bn2")
+    with pytest.raises(ValueError, match=r"^layer1\.0\.bn2 \(NormCE\) already has a CE"):
+        convert_ce(model, after=["layer2.*.bn2", "layer1.0.bn2"])
+    assert ce_names(model) == ["bn1.ce", "layer1.0.bn2.ce"]
+    assert type(model.layer2[0].bn2) is nn.BatchNorm2d
+
+
 def test_state_dict_keeps_the_original_keys_and_loads_a_torchvision_checkpoint():
     source = resnet18(seed=1)
     sd = source.state_dict()

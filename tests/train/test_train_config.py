@@ -103,6 +103,16 @@ def test_invalid_values_name_key_value_and_valid(key: str, value: object, needle
     assert needle in str(info.value)
 
 
+def test_image_size_is_32_or_none_for_cifar10_and_any_positive_size_for_folders() -> None:
+    assert config_from_dict({"image_size": 32}).image_size == 32
+    assert config_from_dict({"dataset": "folder", "image_size": 224}).image_size == 224
+    with pytest.raises(ValueError, match=r"invalid image_size=64: must be null or 32 with "
+                       r"dataset=cifar10"):
+        config_from_dict({"image_size": 64})
+    with pytest.raises(ValueError, match=r"invalid image_size=0: must be an integer > 0"):
+        config_from_dict({"dataset": "folder", "image_size": 0})
+
+
 def test_bundled_configs_load() -> None:
     assert {"main", "cifar10_vgg16_paper", "cifar10_vgg16_bn_paper"} <= set(bundled_configs())
     paper = load_config("cifar10_vgg16_paper")

@@ -1,2 +1,3 @@
-"""The ``cenet`` command line: ``cenet train``, ``cenet eval``, ``cenet models``,
-``cenet configs``. The only part of cenet that prints."""
+"""The ``cenet`` command line (also ``python -m cenet``): ``cenet train``, ``eval``,
+``analyze``, ``compare``, ``models``, ``configs``, ``info``. The only part of cenet that
+prints."""

@@ -7,9 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import cenet
 from cenet.cli import analyze as analyze_cmd
 from cenet.cli import compare as compare_cmd
 from cenet.cli import eval as eval_cmd
+from cenet.cli import info as info_cmd
 from cenet.cli import listing
 from cenet.cli import train as train_cmd
 
@@ -18,8 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``cenet`` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="cenet",
-        description="Channel Equilibrium Networks: train and evaluate CIFAR/ImageNet models.",
+        description=(
+            "Channel Equilibrium Networks (Shao et al., ICML 2020): train, evaluate and "
+            "analyze CIFAR-10 and ImageNet-style models."
+        ),
         epilog="Run 'cenet COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"cenet {cenet.__version__}",
+        help="print the installed cenet version and exit",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages as well")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
@@ -29,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
     listing.add_parsers(sub)
+    info_cmd.add_parser(sub)
     return parser
 
 

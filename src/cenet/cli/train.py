@@ -20,26 +20,50 @@ from cenet.train import (
 from cenet.train.config import dump_yaml
 from cenet.train.rundir import resume_checkpoint_path
 
-# (flag, config key, type, help); each sets the config key when given
-_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--model", "model", str, "model name (see 'cenet models')"),
-    ("--data", "data", str, "data path: CIFAR-10 archive, extracted folder or ImageFolder root"),
-    ("--dataset", "dataset", str, "data set kind: cifar10 or folder"),
-    ("--epochs", "epochs", int, "number of epochs"),
-    ("--batch-size", "batch_size", int, "training batch size"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--weight-decay", "weight_decay", float, "SGD weight decay"),
-    ("--schedule", "schedule", str, f"LR schedule: {', '.join(SCHEDULES)}"),
-    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length in epochs"),
-    ("--label-smoothing", "label_smoothing", float, "label smoothing of the loss"),
-    ("--seed", "seed", int, "random seed (weights, dropout, data order and augmentation)"),
-    ("--train-subset", "train_subset", int, "train on this many images only"),
-    ("--label-noise", "label_noise", float, "fraction of training labels randomised"),
-    ("--record-channels", "record_channels", int,
-     "each epoch, record inhibited ratio and channel correlation on this many test batches"),
-    ("--threads", "threads", int, "torch CPU threads (default: all cores)"),
-    ("--device", "device", str, "cpu, cuda or cuda:N"),
-    ("--out", "out", str, "run directory (default runs/<model>_s<seed>)"),
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value, when it is not such an integer (argparse
+            then exits with status 2 and the usage).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {value}")
+    return value
+
+
+# (flag, config key, type, metavar, help); each sets the config key of the same name when given
+_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
+    ("--model", "model", str, "NAME", "model name (see 'cenet models')"),
+    ("--data", "data", str, "PATH",
+     "CIFAR-10 archive or extracted folder, or an ImageFolder root with train/ and val/"),
+    ("--dataset", "dataset", str, "KIND", "cifar10 (default) or folder (an ImageFolder tree)"),
+    ("--image-size", "image_size", positive_int, "N",
+     "input side in pixels, N x N for training and test. cifar10: only 32, its native "
+     "size (the default). folder: training images get RandomResizedCrop(N) and a flip, "
+     "test images Resize(N/0.875) and CenterCrop(N); default: the shorter side of the "
+     "first training image"),
+    ("--epochs", "epochs", int, "N", "number of epochs"),
+    ("--batch-size", "batch_size", int, "N", "training batch size"),
+    ("--lr", "lr", float, "LR", "peak learning rate (after warm-up)"),
+    ("--weight-decay", "weight_decay", float, "WD", "SGD weight decay"),
+    ("--schedule", "schedule", str, "NAME", f"LR schedule: {', '.join(SCHEDULES)}"),
+    ("--warmup-epochs", "warmup_epochs", float, "E", "linear warm-up length in epochs"),
+    ("--label-smoothing", "label_smoothing", float, "EPS", "label smoothing of the loss"),
+    ("--seed", "seed", int, "N", "random seed (weights, dropout, data order and augmentation)"),
+    ("--train-subset", "train_subset", int, "N", "train on N images only (class-balanced)"),
+    ("--label-noise", "label_noise", float, "P",
+     "fraction of training labels replaced at random, in [0, 1]"),
+    ("--record-channels", "record_channels", int, "B",
+     "after each epoch, record the inhibited ratio and channel correlation on B test batches"),
+    ("--threads", "threads", int, "N", "torch CPU threads (default: all cores)"),
+    ("--device", "device", str, "DEV", "cpu (default), cuda or cuda:N"),
+    ("--out", "out", str, "DIR", "run directory (default runs/<model>_s<seed>)"),
 )
 
 
@@ -49,20 +73,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (or resume a run)",
         description=(
-            "Train a model. Settings come from the TrainConfig defaults, then --config, then "
-            "--set key=value, then the named options (later wins). The run directory gets "
-            "config.yaml, metrics.jsonl, last.pt and best.pt."
+            "Train a model, or resume a run. Settings come from the TrainConfig defaults, "
+            "then --config, then --set KEY=VALUE, then the settings options below (later "
+            "wins). The run directory gets config.yaml, metrics.jsonl, last.pt and best.pt."
         ),
         epilog=f"Config keys for --set: {', '.join(config_keys())}.",
     )
     p.add_argument(
-        "--config",
         "-c",
+        "--config",
         metavar="NAME_OR_PATH",
         help="YAML config file, or the name of a bundled config (see 'cenet configs')",
     )
-    for flag, key, typ, text in _FLAGS:
-        p.add_argument(flag, dest=key, type=typ, default=argparse.SUPPRESS, help=text)
+    settings = p.add_argument_group(
+        "settings", "each sets the config key of the same name (--image-size: image_size)"
+    )
+    for flag, key, typ, metavar, text in _FLAGS:
+        settings.add_argument(flag, dest=key, type=typ, metavar=metavar,
+                              default=argparse.SUPPRESS, help=text)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -107,7 +135,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         values.update(read_yaml_config(args.config))
     values.update(parse_overrides(args.overrides))
-    values.update({key: getattr(args, key) for _, key, _, _ in _FLAGS if hasattr(args, key)})
+    values.update({key: getattr(args, key) for _, key, *_ in _FLAGS if hasattr(args, key)})
     return values
 
 

@@ -11,5 +11,9 @@ from cenet.convert.insert import (
     norm_channels,
     select_norms,
 )
+from cenet.convert.keys import ce_keys_from_model, ce_keys_to_model
 
-__all__ = ["ALL_NORM_TYPES", "CEAct", "NormCE", "convert_ce", "norm_channels", "select_norms"]
+__all__ = [
+    "ALL_NORM_TYPES", "CEAct", "NormCE", "ce_keys_from_model", "ce_keys_to_model", "convert_ce",
+    "norm_channels", "select_norms",
+]

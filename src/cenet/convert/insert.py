@@ -262,6 +262,11 @@ def convert_ce(
         convert_ce(model, after=["layer1.*.bn3", "layer2.*.bn3", "layer3.*.bn3"])
         convert_ce(model, after="bn1", group_size=64, pool=True)
 
+    That is ``cenet.create_model("resnet50_ce")`` with other ``state_dict`` names for the CE
+    blocks (``bn1.ce.*``, ``layer1.0.bn3.ce.*`` here; ``stem_attn.*``, ``layer1.0.attn.*``
+    there): :func:`~cenet.convert.ce_keys_to_model` and
+    :func:`~cenet.convert.ce_keys_from_model` rename between the two.
+
     State-dict keys. Why a wrapper that keeps the keys, rather than ``nn.Sequential(norm, ce)``
     (keys ``bn3.0.weight``, so no checkpoint of the original network loads) or a forward hook
     on the norm (keys kept, but the CE is invisible to the module tree's forward: tools that
@@ -302,7 +307,10 @@ def convert_ce(
     Raises:
         ValueError: for a missing or empty selection or a pattern that matches nothing (see
             :func:`select_norms`); a selected module whose channel count is unknown (not a
-            norm layer); a norm that already has a CE from an earlier conversion; invalid CE
+            norm layer); a norm that already has a CE from an earlier conversion (the
+            :class:`NormCE` itself, e.g. ``after="bn1"`` given twice, or the norm inside it,
+            or a norm-act layer whose ``act`` is a :class:`CEAct`; the message names the
+            module); invalid CE
             arguments (the message names the norm), e.g. a group size not dividing C.
         TypeError: for an unknown keyword argument of ``ChannelEquilibrium``.
     """
@@ -317,10 +325,17 @@ def convert_ce(
         label = f"{name or '<root>'} ({type(norm).__name__})"
         if isinstance(norm, ChannelEquilibrium):
             raise ValueError(f"{label} is itself a CE block, not a norm layer")
+        if isinstance(norm, NormCE):
+            raise ValueError(
+                f"{label} already has a CE from an earlier convert_ce (it is the norm "
+                f"{type(norm.norm).__name__} wrapped with its CE); convert each norm once"
+            )
         if any(isinstance(p, NormCE) and a == "norm" for p, a in parents.get(id(norm), [])) or (
             isinstance(norm._modules.get("act"), CEAct)
         ):
-            raise ValueError(f"{label} already has a CE from an earlier convert_ce")
+            raise ValueError(
+                f"{label} already has a CE from an earlier convert_ce; convert each norm once"
+            )
         channels = norm_channels(norm)
         if channels is None:
             raise ValueError(

@@ -47,7 +47,10 @@ class TrainConfig:
         dataset: data set name passed to :func:`cenet.data.build_loaders` (``"cifar10"``).
         data: path of the data (archive, extracted folder or ImageFolder root); ``None`` = the
             data module looks in its default places.
-        image_size: input side in pixels; ``None`` = the data set's own.
+        image_size: input side N in pixels, train and test (``--image-size``); ``None`` =
+            the data set's own. CIFAR-10: ``None`` or 32 only. ``"folder"``: training images
+            get ``RandomResizedCrop(N)`` and a flip, test images ``Resize(N / 0.875)`` and
+            ``CenterCrop(N)``; ``None`` = the shorter side of the first training image.
         batch_size: training batch size (images per iteration).
         eval_batch_size: test batch size; ``None`` = ``batch_size``.
         epochs: number of passes over the training set.
@@ -144,6 +147,13 @@ class TrainConfig:
         _check(bool(self.dataset), "dataset", self.dataset, "a non-empty data set name")
         _positive_or_none(self, "num_classes", "image_size", "eval_batch_size", "train_subset")
         _positive_or_none(self, "threads")
+        _check(
+            self.dataset != "cifar10" or self.image_size in (None, 32),
+            "image_size",
+            self.image_size,
+            "null or 32 with dataset=cifar10 (its images are 32x32; dataset=folder "
+            "resizes an ImageFolder tree to any size)",
+        )
         _check(self.batch_size > 0, "batch_size", self.batch_size, "an integer > 0")
         _check(self.epochs > 0, "epochs", self.epochs, "an integer > 0")
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
