@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true",
                         help="use torch.bmm instead of the compiled kernels (cenet.kernels)")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
-                        help="an input shape to time instead of the issue's four (repeatable)")
+                        help="an input shape to time instead of the default four (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_kernels:

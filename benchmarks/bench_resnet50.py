@@ -11,7 +11,7 @@ each with its ratio to plain ResNet-50, and the median over rounds of the ratio 
 ("paired": the networks of one round run within seconds of each other, so a slow phase of a
 shared machine, which lasts longer, scales them alike). The fastest run is another estimate
 of the cost (contention only ever adds time); the median shows how noisy the run was.
-Targets of the issue: CE ≤ 1.20× plain per training step, ≤ 1.10× in eval; SE for
+The project's targets: CE ≤ 1.20× plain per training step, ≤ 1.10× in eval; SE for
 comparison. The paper's CPU inference times (batch 32, Xeon E5-2682 v4, Table 1)
 are R50 8.61 / 11.08 / 11.06 s: SE and CE 1.29× and 1.28× plain.
 

@@ -14,10 +14,11 @@ ResNet-50), probably because the paper's counter also counted some other work.
 Why CE adds ~3.4 % here when the paper reports +0.5 % (ResNet-50 4.14 → 4.16, ResNet-18
 1.82 → 1.83, ResNet-101 7.87 → 7.89; the relative numbers 0.48 / 0.55 / 0.25 % of the paper's
 text are these rounded table values). In eval the CE block is the linear map
-p_n = λ·W_run·x̃_n + (1 − λ)·Diag(d_n)·x̃_n (SPEC §1.3). We apply it, per sample, as one
-block-diagonal (C×C with G blocks of g×g) matrix product, which the counter books as a
-``bmm`` of C·g multiply-adds per position: for g = 16 that is as much as a 1×1 convolution
-with 16 input channels per output channel, at every CE. The extra MACs, by place:
+p_n = λ·W_run·x̃_n + (1 − λ)·Diag(d_n)·x̃_n (Eqn 4 with the running estimates of Eqn 32,
+appendix E). We apply it, per sample, as one block-diagonal (C×C with G blocks of g×g) matrix
+product, which the counter books as a ``bmm`` of C·g multiply-adds per position: for g = 16
+that is as much as a 1×1 convolution with 16 input channels per output channel, at every CE.
+The extra MACs, by place:
 
 - the stem CE (group 64, so 64 multiply-adds per element, at 112×112): 51.4 M MACs, about
   2.8 % of ResNet-18 and 1.3 % of ResNet-50 on its own, the largest single term;
@@ -27,10 +28,11 @@ with 16 input channels per output channel, at every CE. The extra MACs, by place
 - the IR gate MLP (two C×C/4 products per sample, ``mm``): C²/2 MACs a block, 0.35 M in all
   for ResNet-18, 3.8 M for ResNet-50.
 
-BD alone (``_bd``) would fold exactly into the previous convolution at inference (SPEC §1.3,
-paper Sec. 3.2), but CE cannot, as IR needs x̃ itself; so these MACs are real in eval. The
-issue's measurement with this same counter gives the authors' code +3.4 % (CE-ResNet-50) and
-+3.5 % (CE-ResNet-18), which the table prints beside ours: the same stem CE and block CEs.
+BD alone (``_bd``) would fold exactly into the previous convolution at inference (appendix E,
+"Moving average in inference"), but CE cannot, as IR needs x̃ itself; so these MACs are real in
+eval. The authors' code (github.com/Tangshitao/CENet), counted with this same counter, gives
++3.4 % (CE-ResNet-50) and +3.5 % (CE-ResNet-18), which the table prints beside ours: the same
+stem CE and block CEs.
 Our ResNet-18 has also CE in layer4's two blocks, as the paper's text says ("each residual
 block") and the authors' code does not: 0.8 M MACs, +0.04 points.
 
@@ -65,7 +67,7 @@ PAPER_GFLOPS: dict[str, float] = {
     "shufflenet_v2_x1_0": 0.15, "shufflenet_v2_x1_0_se": 0.15, "shufflenet_v2_x1_0_ce": 0.16,
 }
 
-#: the authors' code counted with FlopCounterMode, increase over the plain twin (the issue)
+#: the authors' code counted with FlopCounterMode, increase over the plain twin
 AUTHORS_INCREASE: dict[str, float] = {"resnet18_ce": 3.5, "resnet50_ce": 3.4}
 
 VARIANT_SUFFIXES = ("_ce", "_bd", "_ir", "_se", "_gct", "_iternorm", "_dbn")

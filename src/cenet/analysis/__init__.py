@@ -1,4 +1,4 @@
-"""Measurements of the CE paper's analyses on any ``nn.Module`` (SPEC §4).
+"""Measurements of the CE paper's analyses on any ``nn.Module`` (Sec. 5.2, appendix F).
 
 Inhibited channels (Sec. 2, Fig. 1, 4c), normalization parameter conditions (Tables 6, 9),
 cumulative ablation curves (Fig. 1c, 4c, 7), channel magnitude maps (Fig. 3), channel

@@ -1,4 +1,4 @@
-"""Channel correlation of layer outputs, once or along training (CE paper Fig. 5; SPEC §4)."""
+"""Channel correlation of layer outputs, once or along training (CE paper Sec. 5.2, Fig. 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inhibited channels of rectified outputs (CE paper Sec. 2, Fig. 1, Fig. 4c; SPEC §4)."""
+"""Inhibited channels of rectified outputs (CE paper Sec. 2, Fig. 1, Fig. 4c; appendix G)."""
 
 from __future__ import annotations
 

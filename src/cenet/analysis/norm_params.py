@@ -1,5 +1,5 @@
 """Parameter conditions of normalization layers: small γ and non-positive β (CE paper Sec. 2,
-appendix Tables 6 and 9; SPEC §4)."""
+appendix Tables 6 and 9)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ResNet for CIFAR (He et al. 2016, Sec. 4.2: 6n+2 layers, widths 16-32-64), with CE.
 
-CE placement (CE paper, Fig. 2c; SPEC §2): after the BN of the last conv of the residual
+CE placement (CE paper, Sec. 3.3, Fig. 2c): after the BN of the last conv of the residual
 branch, before the addition: ``conv-BN-ReLU-conv-BN-CE (+ shortcut) → ReLU``. Shortcuts that
 change shape are 1×1 conv + BN (option B), as in torchvision.
 """

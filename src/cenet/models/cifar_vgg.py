@@ -1,6 +1,6 @@
 """VGG with batch normalization for CIFAR (32×32 inputs), with optional CE blocks.
 
-CE placement (CE paper, Sec. 5.3 and SPEC §2): ``conv → BN → CE → ReLU`` after every BN
+CE placement (CE paper, Sec. 3.3 and 5.3): ``conv → BN → CE → ReLU`` after every BN
 (``attn_ratio=1``) or after the first ``round(attn_ratio · L)`` of the L BN layers (the
 paper's 75% / 50% ablation; the paper does not say which layers, we take the shallowest,
 where inhibited channels are measured); ``attn_position="before_norm"`` gives the paper's

@@ -9,7 +9,7 @@ torchvision key: the parameter-free ReLU6 of the depthwise conv becomes
 ``nn.Sequential(block, ReLU6)`` (keys ``features.{i}.conv.{j}.2.0.*``) or the block is appended
 after it (keys ``features.{i}.conv.{j}.3.*``); j = 0 in the first block, 1 elsewhere.
 
-Placement (CE paper, appendix E and Fig. 6a; SPEC §2):
+Placement (CE paper, appendix E and Fig. 6a):
 
 - CE: ``3×3 depthwise conv → BN → CE → ReLU6`` in each of the 17 inverted residual blocks.
   The depthwise conv is the widest layer of the bottleneck (t·C channels) and its last

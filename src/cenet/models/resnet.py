@@ -1,5 +1,5 @@
 """ImageNet ResNet-18/34/50/101 (He et al. 2016; torchvision's V1.5) with the CE paper's CE
-placements and the baselines it compares against (SPEC §2, §3).
+placements (Sec. 5.1, Fig. 2c, appendix G) and the baselines it compares against (Tables 1, 3).
 
 Plain networks have torchvision's parameter and buffer names and counts, so
 ``torchvision.models.resnet50().state_dict()`` loads into ``resnet50`` with ``strict=True``.

@@ -14,7 +14,7 @@ BN → 1×1 conv → BN → ReLU`` (the stride-2 units also have a second branch
 → BN → 1×1 conv → BN → ReLU``, in place of the identity half); the branches are concatenated
 and the channels shuffled.
 
-- CE (CE paper, appendix E, Fig. 6b, "following similar strategies"; SPEC §2): one CE per unit,
+- CE (CE paper, appendix E, Fig. 6b, "following similar strategies"): one CE per unit,
   in each of the 16 units, at the *last* 1×1 conv of the main branch:
   ``1×1 conv → BN → CE → ReLU``, before the concatenation. Why this layer: CE goes between a
   norm layer and a rectifier, so the depthwise conv (BN, no ReLU) is out; the two 1×1 convs are

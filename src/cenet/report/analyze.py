@@ -1,4 +1,5 @@
-"""The analysis of one trained run (SPEC §4): measurements, figures and a report.
+"""The analysis of one trained run (CE paper Sec. 5.2, appendix F and G): measurements, figures
+and a report.
 
 :func:`analyze_run` loads a checkpoint with its stored config, rebuilds the model and the test
 loader, runs the measurements of :mod:`cenet.analysis` and writes into the output directory
@@ -135,8 +136,8 @@ def analyze_model(
     ablation_repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run every measurement of SPEC §4 on ``model`` over the first ``max_batches`` batches of
-    ``loader`` (all when ``None``) and return a JSON-serializable dict:
+    """Run every measurement of the CE paper's analyses (Sec. 5.2) on ``model`` over the first
+    ``max_batches`` batches of ``loader`` (all when ``None``) and return a JSON-serializable dict:
 
     - ``test``: ``{"top1": percent, "num_samples"}`` of the analyzed subset;
     - ``inhibited``: :class:`~cenet.analysis.InhibitedChannels` (``ratio`` = mean over the
