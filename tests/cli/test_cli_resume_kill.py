@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 TIME_KEYS = {"epoch_time_s", "train_time_s", "eval_time_s", "images_per_s", "wall_time_s", "time"}
@@ -41,6 +42,7 @@ def metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in TIME_KEYS} for x in lines]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(
     tmp_path: Path, tiny_cifar_dir: Path, cli_env: dict, cli_command
 ) -> None:

@@ -151,7 +151,7 @@ def test_models_command_prints_the_registry(capsys) -> None:
     assert capsys.readouterr().out.split() == ["_test_tiny_cnn"]
 
 
-@pytest.mark.skipif("cifar_resnet20_ce" not in list_models(), reason="CIFAR models not registered")
+@pytest.mark.slow
 def test_real_ce_model_trains_and_evaluates(tiny_cifar_dir, tmp_path, capsys) -> None:
     out = tmp_path / "ce"
     code = main(["-q", "train", "--model", "cifar_resnet20_ce", "--data", str(tiny_cifar_dir),

@@ -13,7 +13,6 @@ cenet_timm = pytest.importorskip("cenet.timm")
 import cenet  # noqa: E402
 from cenet.convert import CEAct, NormCE, convert_ce  # noqa: E402
 from cenet.layers import ChannelEquilibrium  # noqa: E402
-from cenet.models.cifar_resnet import CifarResNet  # noqa: E402
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -26,30 +25,51 @@ def n_ce(model):
     return sum(isinstance(m, ChannelEquilibrium) for m in model.modules())
 
 
-def test_timm_builds_our_networks():
-    model = timm.create_model("cifar_resnet20_ce", num_classes=10)
-    assert isinstance(model, CifarResNet) and n_ce(model) == 9
-    assert n_params(model) == n_params(cenet.create_model("cifar_resnet20_ce"))
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+def test_timm_builds_our_cifar_networks():
+    model = timm.create_model("cifar_resnet20_ce", num_classes=7)
+    # the network cenet's builder makes, with timm's num_classes: same keys and shapes
+    # (strict load) and, with the same weights, the same outputs
+    reference = cenet.create_model("cifar_resnet20_ce", num_classes=7)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=0, atol=0)
+    assert n_ce(model) == 9  # one per residual block: 3 stages of 3
+    # He et al.'s ResNet-20 (0.27 M) with two 1×1 projection shortcuts, built through timm
+    assert n_params(timm.create_model("cifar_resnet20")) == 272_474
     config = timm.data.resolve_data_config(model=model)
-    assert config["input_size"] == (3, 32, 32) and config["mean"] == (0.4914, 0.4822, 0.4465)
-    if "resnet50_ce" in cenet.list_models():
-        model = timm.create_model("resnet50_ce")
-        ours = cenet.create_model("resnet50_ce")
-        assert type(model) is type(ours) and n_ce(model) == n_ce(ours) == 14
-        assert n_params(model) == n_params(ours)
-        assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert config["input_size"] == (3, 32, 32)
+    assert config["mean"] == (0.4914, 0.4822, 0.4465)  # CIFAR-10's channel means
+
+
+def test_timm_resnet50_ce_is_timms_resnet50_with_the_papers_ce_blocks():
+    torch.manual_seed(0)
+    ours = timm.create_model("resnet50_ce")  # registered by cenet.timm
+    assert ours.pretrained_cfg["input_size"] == (3, 224, 224)
+    # the independent reference: timm's own ResNet-50, converted with the paper's placement
+    theirs = timm.create_model("resnet50")
+    assert n_params(theirs) == 25_557_032
+    convert_ce(theirs, after=["layer1.*.bn3", "layer2.*.bn3", "layer3.*.bn3"])
+    convert_ce(theirs, after="bn1", group_size=64, pool=True)
+    assert n_ce(ours) == n_ce(theirs) == 14 and n_params(ours) == n_params(theirs)
+    theirs.load_state_dict(cenet.ce_keys_from_model(ours.state_dict()), strict=True)
+    with torch.no_grad():
+        # training mode (batch statistics, running estimates updated), then eval with them
+        x = X[:, :, :32, :32]
+        torch.testing.assert_close(theirs(x), ours(x))
+        torch.testing.assert_close(theirs.eval()(x), ours.eval()(x))
 
 
 def test_timm_names_are_never_clobbered():
-    registered = set(cenet_timm.REGISTERED)
-    assert registered | set(cenet_timm.SKIPPED) >= set(cenet.list_models("cifar_*"))
-    for name in cenet_timm.SKIPPED:  # resnet50 & co. stay timm's own
+    registered, skipped = set(cenet_timm.REGISTERED), set(cenet_timm.SKIPPED)
+    # timm's own ResNets stay timm's; every other network of ours is registered
+    assert {"resnet18", "resnet34", "resnet50", "resnet101"} <= skipped
+    assert registered.isdisjoint(skipped)
+    assert registered | skipped == set(cenet.list_models())
+    for name in skipped:
         assert timm.models.model_entrypoint(name).__module__.startswith("timm.models.")
-    if "resnet50" in cenet.list_models():
-        assert "resnet50" in cenet_timm.SKIPPED
-        assert type(timm.create_model("resnet50")).__module__ == "timm.models.resnet"
-    assert "resnet50_ce" in registered or "resnet50_ce" not in cenet.list_models()
+    assert type(timm.create_model("resnet50")).__module__ == "timm.models.resnet"
+    assert {"resnet50_ce", "cifar_resnet20_ce", "mobilenet_v2_ce"} <= registered
     assert cenet_timm.register_cenet_models() == []  # idempotent
     assert set(timm.list_models(module="timm")) >= registered
 
@@ -74,9 +94,8 @@ def test_convert_timm_resnet50_paper_placement_loads_timms_weights():
                identity_init=True)
     convert_ce(model, after="bn1", group_size=64, pool=True, identity_init=True)
     assert n_ce(model) == 14
-    if "resnet50_ce" in cenet.list_models():
-        # our resnet50_ce plus the 14 identity gates of identity_init
-        assert n_params(model) == n_params(cenet.create_model("resnet50_ce")) + 14
+    # our resnet50_ce plus the 14 identity gates of identity_init
+    assert n_params(model) == n_params(cenet.create_model("resnet50_ce")) + 14
     result = model.load_state_dict(source.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all(re.search(r"\.ce\.", k) for k in result.missing_keys)

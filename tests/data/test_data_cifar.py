@@ -6,7 +6,6 @@ import io
 import os
 import pickle
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +162,7 @@ def test_cache_second_load_does_not_decode(jpeg_tar, tmp_path, monkeypatch):
         raise AssertionError("decoded although the cache holds the tensors")
 
     monkeypatch.setattr(cifar, "decode_image", boom)
-    t = time.perf_counter()
     second = load_cifar10(DataSource("jpeg_tar", jpeg_tar.path))
-    assert time.perf_counter() - t < 1.0
     assert torch.equal(second.train_images, first.train_images)
     assert torch.equal(second.train_labels, first.train_labels)
 
@@ -189,8 +186,9 @@ def test_corrupt_cache_file_is_rebuilt(jpeg_tar, tmp_path):
 REAL = Path("/work/shared/data/cifar10-jpeg.tar.gz")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_file(), reason=f"{REAL} not present")
-def test_real_cifar10_jpeg_archive(tmp_path):
+def test_real_cifar10_jpeg_archive(tmp_path, monkeypatch):
     source = identify_data(REAL)
     assert source == DataSource("jpeg_tar", REAL)
     s = load_cifar10(source, cache_dir=tmp_path / "real-cache")
@@ -198,12 +196,15 @@ def test_real_cifar10_jpeg_archive(tmp_path):
     assert s.test_images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(s.train_labels, minlength=10).tolist() == [5000] * 10
     assert torch.bincount(s.test_labels, minlength=10).tolist() == [1000] * 10
+    # CIFAR-10's published channel means (from the lossless release); the JPEG copy decodes
+    # to within 1.6e-4 of them
     mean = s.train_images.float().mean(dim=(0, 2, 3)) / 255
-    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.005)
-    t = time.perf_counter()
+    torch.testing.assert_close(mean, torch.tensor([0.4914, 0.4822, 0.4465]), rtol=0, atol=5e-4)
+    # the second load comes from the decode cache: nothing is decoded again
+    monkeypatch.setattr(cifar, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
     again = load_cifar10(source, cache_dir=tmp_path / "real-cache")
-    assert time.perf_counter() - t < 5.0  # typically ~0.2 s; loose for a busy machine
     assert torch.equal(again.test_images, s.test_images)
+    assert torch.equal(again.train_labels, s.train_labels)
 
 
 def _jpeg(rgb, size: int = 32) -> bytes:

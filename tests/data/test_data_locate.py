@@ -113,12 +113,12 @@ def test_package_location_reaches_the_real_shared_dir(tmp_path, monkeypatch):
     real = Path("/work/shared/data")
     here = Path(locate.__file__).resolve()
     checkout = here.parents[3]  # <checkout>/src/cenet/data/locate.py
-    if not real.is_dir() or checkout.parent != Path("/work"):
-        pytest.skip("not in the /work/<checkout> + /work/shared/data layout")
+    archive = real / "cifar10-jpeg.tar.gz"
+    if not archive.is_file() or checkout.parent != Path("/work"):
+        pytest.skip("not in the /work/<checkout> + /work/shared/data/cifar10-jpeg.tar.gz layout")
     assert real in shared_data_candidates([here.parent])
     monkeypatch.chdir(tmp_path)  # the walk up from the package file alone must find it
-    if (real / "cifar10-jpeg.tar.gz").is_file():
-        assert find_data_root(None, download=False) == real / "cifar10-jpeg.tar.gz"
+    assert find_data_root(None, download=False) == archive
 
 
 def test_offline_message_names_every_place(tmp_path, monkeypatch):

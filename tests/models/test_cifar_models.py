@@ -42,10 +42,13 @@ def test_registry_unknown_name_lists_close_matches():
 
 def test_each_network_has_its_plain_bn_twin():
     names = set(cenet.list_models("cifar_*"))
-    for name in names:
-        for suffix in ("_ce", "_bd", "_ir", "_se", "_gct"):
-            if name.endswith(suffix):
-                assert name[: -len(suffix)] in names
+    suffixes = ("_ce", "_bd", "_ir", "_se", "_gct")
+    variants = {n for n in names if n.endswith(suffixes)}
+    plain = names - variants
+    # each variant has its plain twin, and each plain network its CE variant
+    assert {n.rsplit("_", 1)[0] for n in variants} == plain
+    assert {f"{n}_ce" for n in plain} <= variants
+    assert plain == {"cifar_resnet20", "cifar_resnet56", "cifar_vgg11", "cifar_vgg16"}
 
 
 def test_builder_rejects_unknown_keyword():

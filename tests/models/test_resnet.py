@@ -143,12 +143,16 @@ def test_ce_blocks_per_stage_and_stem(name, per_stage):
     assert count(model, ChannelEquilibrium) == sum(per_stage) + 1
     stem = model.stem_attn  # appendix G: ChannelEquilibrium(64, group_size=64, pool=True)
     assert isinstance(stem, ChannelEquilibrium) and stem.num_features == 64
-    assert stem.mode == name.split("_")[1]
-    if stem.bd is not None:
-        assert stem.bd.group_size == 64 and stem.bd.pool
+    mode = name.split("_")[1]
+    assert stem.mode == mode
     blocks = [b for b in model.blocks() if b.attn is not None]
     assert all(b.attn.num_features == b.last_norm.num_features for b in blocks)
-    assert all(b.attn.bd is None or b.attn.bd.group_size == 16 for b in blocks)
+    assert all(b.attn.mode == mode for b in blocks)
+    if mode == "ir":  # IR alone builds no BD branch anywhere
+        assert stem.bd is None and all(b.attn.bd is None for b in blocks)
+    else:  # BD statistics: the stem's in groups of 64 on 2×2 pooled maps, the blocks' in 16
+        assert stem.bd.group_size == 64 and stem.bd.pool
+        assert all(b.attn.bd.group_size == 16 and not b.attn.bd.pool for b in blocks)
 
 
 def test_ce_placement_is_switchable():
