@@ -1,9 +1,10 @@
 """Keep freed tensor memory in the process (glibc ``mallopt``), so large activations are reused
 instead of being mapped, page-faulted and zeroed anew at every step.
 
-On this kind of 2-core VM a training step of a CIFAR network spends up to half its time in
-page faults of freshly ``mmap``-ed activations; serving every allocation from the heap and
-never trimming it roughly halves the step time of ``cifar_vgg11`` (measured in the README).
+On a 2-core VM a training step of a CIFAR network can spend a large part of its time in page
+faults of freshly ``mmap``-ed activations; serving every allocation from the heap and never
+trimming it cut a training step of ``cifar_vgg11_ce`` at width 0.5 from 515 ms to 374 ms
+(docs/benchmarks.md, "Two speed settings of the main configuration").
 The same effect is had without code with the environment variables ``MALLOC_MMAP_MAX_=0``
 and ``MALLOC_TRIM_THRESHOLD_=2147483647``. The price is that the process keeps its peak
 memory until it exits.
