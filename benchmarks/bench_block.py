@@ -5,21 +5,25 @@ median over rounds in which the blocks take turns), the ratio of these medians t
 ("x"), the median of the per-round ratios ("paired": the blocks of one round run within a
 second of each other, so a slow phase of this shared machine hits both sides of a ratio), and
 the memory autograd saves for backward (MiB, distinct storages, the block's input included).
+The header names the CPU, its capability and the CE implementation timed: ``--isa`` forces the
+native kernels of one instruction set (``generic``, ``avx2``, ``avx512``) or the pure-PyTorch
+``reference``, and may be repeated to time several in one run; ``--compile`` times every block
+under ``torch.compile`` as well (CE against compiled BN+ReLU).
 
-    python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--no-kernels] [--shape N C H W]
+    python benchmarks/bench_block.py [--threads 2] [--rounds 7] [--isa avx2 --isa avx512]
+        [--compile] [--shape N C H W]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from cenet.kernels import kernels_available
+from cenet import kernels
 from cenet.layers import ChannelEquilibrium
 from cenet.train.allocator import keep_freed_memory
 
@@ -111,24 +115,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--fresh-memory", action="store_true",
                         help="do not keep freed memory (every large tensor is page-faulted anew)")
-    parser.add_argument("--no-kernels", action="store_true",
-                        help="use torch.bmm instead of the compiled kernels (cenet.kernels)")
+    parser.add_argument("--isa", action="append", choices=("reference", "generic", "avx2",
+                                                           "avx512"),
+                        help="CE implementation to time (repeatable; default: the one this "
+                             "machine uses)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every block under torch.compile")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
                         help="an input shape to time instead of the default four (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.no_kernels:
-        os.environ["CENET_KERNELS"] = "0"
     if not args.fresh_memory:
         keep_freed_memory()
-    print(f"torch {torch.__version__}, {args.threads} threads, "
-          f"{'fresh' if args.fresh_memory else 'reused'} memory, compiled kernels "
-          f"{'on' if kernels_available() else 'off'}, median of {args.rounds} interleaved rounds")
+    info = kernels.info()
+    for isa in args.isa or [kernels.active_isa() or "reference"]:
+        native = None if isa == "reference" else isa
+        for compiled in (False, True) if args.compile else (False,):
+            with kernels.use_isa(native):
+                print(f"\n{info['cpu']} (capability {info['cpu_capability']}), torch "
+                      f"{torch.__version__}, {args.threads} threads, "
+                      f"{'fresh' if args.fresh_memory else 'reused'} memory, CE: {isa}"
+                      f"{', torch.compile' if compiled else ', eager'}, median of "
+                      f"{args.rounds} interleaved rounds")
+                run(args, compiled)
+
+
+def run(args: argparse.Namespace, compiled: bool) -> None:
+    """Print the table for the shapes of ``args`` with the implementation in force."""
+    if compiled:
+        torch._dynamo.reset()
     print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'paired':>6} {'eval ms':>8} "
           f"{'x':>5} {'paired':>6} {'saved MiB':>9} {'x':>5}")
     for shape in [tuple(s) for s in args.shape] if args.shape else SHAPES:
         x = torch.randn(*shape, requires_grad=True)
         blocks_ = blocks(shape[1])
+        if compiled:
+            blocks_ = {name: torch.compile(block) for name, block in blocks_.items()}
         times = time_blocks(blocks_, x, args.rounds, args.min_run_time)
         first = next(iter(blocks_))
         base_mem = None

@@ -1,4 +1,5 @@
-"""The CE block (CE paper, Eqns 2-8, 32): modes, running statistics, gradients, layouts and bad input."""
+"""The CE block (CE paper, Eqns 2-8, 32): modes, running statistics, gradients, layouts,
+bad input."""
 
 import math
 

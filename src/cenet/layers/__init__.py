@@ -6,8 +6,6 @@ The CE maths as pure functions of tensors is :mod:`cenet.layers.functional`.
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.channel_equilibrium import CE_MODES, ChannelEquilibrium
 from cenet.layers.create_attn import attn_names, create_attn, get_attn
-from cenet.layers.gct import GCT_MODES, GatedChannelTransformation, gct_no_decay_parameters
-from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.functional import (
     GroupStatistics,
     batch_covariance,
@@ -19,6 +17,8 @@ from cenet.layers.functional import (
     trace_normalize,
     whitening_matrix,
 )
+from cenet.layers.gct import GCT_MODES, GatedChannelTransformation, gct_no_decay_parameters
+from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.squeeze_excite import SqueezeExcitation
 from cenet.layers.whitening_norm import DecorrelatedBatchNorm, IterNorm
 
