@@ -1,211 +1,218 @@
-"""Small-matrix × feature-row products of the CE block, with compiled CPU kernels.
+"""The CE block's native CPU kernels, built once per machine and instruction set (ISA).
 
-The CE block's heavy steps multiply many small channel-group matrices (g × g, g = 16) with
-long feature rows (H·W positions). PyTorch's batched GEMMs reach a fraction of the CPU's
-speed at these shapes, so on the CPU these products use C++ loops (``block_ops.cpp``) compiled
-once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja; the build takes about half
-a minute and is cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
-Every function here gives the same result without them, through ``torch.bmm``: on other
-devices and dtypes, for groups of more than 64 channels, inside ``torch.compile``, when the
-build fails (a warning says why), and
-when the environment variable ``CENET_KERNELS=0`` turns them off. ``torch.utils.flop_counter``
-counts them as the batched products they replace once they are loaded: call
-:func:`kernels_available` before creating a ``FlopCounterMode`` (it copies the formulas then).
+The CE block's heavy steps multiply many small channel-group matrices (g × g, g ≤ 64) with long
+feature rows (H·W positions), where PyTorch's batched GEMMs reach a fraction of the CPU's
+speed. C++ loops do them instead (``block_ops.cpp``; the training operator ``ce_operator.cpp``
+and the whole training step ``ce_step.cpp``), compiled with :mod:`torch.utils.cpp_extension`
+(a C++ compiler and ninja; about 30-60 s per ISA, once per machine, cached in
+``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
-Functions (a feature map viewed as X (B, g, M): B = N·G channel groups of g rows, M = H·W):
-    :func:`group_apply`: (W_{b mod G} + Diag(d_b)) X_b + c_b → (B, g, M)
-    :func:`group_apply_pair`: (W1_{b mod G}ᵀ + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b
-    + c_b → (B, g, M), in one pass
-    :func:`group_gram`: Σ over samples of X_b Y_bᵀ per group (G, g, g), and the diagonals
-    :func:`group_second_moments`: Σ over samples of X_b X_bᵀ per group, the row sums and sums of
-    squares, in one pass
-    :func:`row_moments`: sums and sums of squares of the rows of X (B, M) → (B,), (B,)
-    :func:`ce_eval`: the eval-mode CE block of an (N, C, H, W) map, variances, gate and
-    product per sample (no fallback: callers check :func:`kernels_usable`)
-    :func:`stream_threshold`: outputs of this many bytes and more bypass the caches
-    ``torch.ops.cenet_kernels.ce_operator``/``ce_step`` and their backwards: the CE block's
-    training operator and whole training step (``ce_operator.cpp``, ``ce_step.cpp``; no
-    fallback: :mod:`cenet.layers.ce_operator` calls them where :func:`kernels_usable` holds)
-    ``torch.ops.cenet_kernels.max_pool_2x2`` and its backward: 2×2 max pooling without the
-    index map (:func:`cenet.layers.pooling.max_pool_2x2` wraps them)
+ISAs: on x86-64 ``"generic"`` (``-march=x86-64``, SSE2), ``"avx2"`` (``-march=x86-64-v3``)
+and ``"avx512"`` (``-march=x86-64-v4``); on aarch64 ``"generic"`` (``-march=armv8-a``, NEON).
+Each build registers its ops as ``torch.ops.cenet_kernels_<isa>``, so several load side by side
+(the tests run every path). The layers use the widest ISA the CPU runs (:func:`default_isa`);
+when the build fails, a RuntimeWarning says why and the CE block takes its pure-PyTorch path.
+
+Ops of a build (:func:`ops`; float32/float64 CPU tensors of one dtype, NCHW-contiguous):
+
+- ``ce_step(Tensor x, int group_size, Tensor theta, Tensor fc1, Tensor ln_w, Tensor ln_b,
+  Tensor fc2, float eps_bd, float eps_ir, float ln_eps, int num_iters) -> Tensor[]``: the
+  ``"ce"``-mode training step (see ``ce_step.cpp``), returning Y and what its backward needs;
+- ``ce_step_backward(Tensor grad, Tensor x, Tensor fc1, Tensor ln_w, Tensor fc2,
+  Tensor[] saved) -> Tensor[]``: dX, dθ, dfc1, dln_w, dln_b, dfc2;
+- ``ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps,
+  Tensor fc2t, Tensor scale, int group_size, Tensor(a!) out) -> ()``: the eval block;
+- ``stream_threshold(int bytes) -> int`` (:func:`stream_threshold`).
+
+Environment: ``CENET_KERNELS=0`` turns the kernels off (nothing is built);
+``CENET_CPU_ISA=generic|avx2|avx512`` picks the ISA; ``CENET_KERNELS_REBUILD=1`` retries a
+build that failed in an earlier process (failures are remembered until the sources change).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import functools
 import os
-import warnings
-from pathlib import Path
+import platform
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch import Tensor
 
-__all__ = ["ce_eval", "group_apply", "group_apply_pair", "group_gram", "group_second_moments",
-           "kernels_available", "kernels_usable", "row_moments", "stream_threshold"]
+from cenet.kernels import _build
 
-_log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("block_ops.cpp")
-_SOURCES = [_SOURCE, _SOURCE.with_name("ce_operator.cpp"), _SOURCE.with_name("ce_step.cpp")]
-_DTYPES = (torch.float32, torch.float64)
-_MAX_GROUP = 64  # kMaxGroup in block_ops.cpp: the largest g the kernels take
-_state: dict[str, bool] = {}
+__all__ = ["active_isa", "build_error", "cpu_capability", "default_isa", "info",
+           "is_available", "ops", "stream_threshold", "supported_isas", "use_isa"]
+
+_lock = threading.RLock()
+_results: dict[str, str | None] = {}  # ISA -> None (loaded) or why its build failed
+_UNSET = object()
+_forced: Any = _UNSET  # inside use_isa: the ISA name, or None (kernels off)
 
 
-def _build() -> bool:
-    if os.environ.get("CENET_KERNELS", "1") == "0":
-        return False
-    # cpp_extension logs a CUDA warning when imported on a machine without CUDA; quiet it.
-    ext_log = logging.getLogger("torch.utils.cpp_extension")
-    level = ext_log.level
-    ext_log.setLevel(logging.ERROR)
+def cpu_capability() -> str:
+    """The CPU capability torch dispatches its own kernels for: "AVX512", "AVX2", "DEFAULT",
+    ... (:func:`torch.backends.cpu.get_cpu_capability`; ``ATEN_CPU_CAPABILITY`` lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The ISAs this CPU runs, widest first: on x86-64 ("avx512", "avx2", "generic") as
+    :func:`cpu_capability` and the CPU's flags allow ("avx512" only with capability "AVX512");
+    on aarch64 and others ("generic",)."""
+    return _build.machine_isas(cpu_capability())
+
+
+def _valid_isas() -> tuple[str, ...]:
+    return tuple(_build.isa_flags())
+
+
+def _check_isa(isa: str, what: str) -> str:
+    """``isa`` if this CPU runs it; ValueError naming the choices otherwise."""
+    valid, supported = _valid_isas(), supported_isas()
+    if isa not in valid:
+        raise ValueError(f"{what}: unknown instruction set {isa!r}; the CE kernels build "
+                         f"{', '.join(valid)} on {_build.arch()}")
+    if isa not in supported:
+        raise ValueError(f"{what}: this CPU (torch capability {cpu_capability()}) does not run "
+                         f"{isa!r}; it supports {', '.join(supported)}")
+    return isa
+
+
+def default_isa() -> str:
+    """The ISA the layers use: ``CENET_CPU_ISA`` if set, else the widest this CPU runs.
+
+    Raises:
+        ValueError: if ``CENET_CPU_ISA`` names no ISA of this architecture, or one this CPU
+            does not run (the message lists the valid and the supported choices).
+    """
+    env = os.environ.get("CENET_CPU_ISA", "").strip()
+    if not env:
+        return supported_isas()[0]
+    return _check_isa(env.lower(), f"CENET_CPU_ISA={env}")
+
+
+def _enabled() -> bool:
+    return os.environ.get("CENET_KERNELS", "1").strip() != "0"
+
+
+def _load(isa: str) -> bool:
+    """Build (once per process; cpp_extension caches it on disk) and load ``isa``'s kernels."""
+    with _lock:
+        if isa not in _results:
+            _results[isa] = _build.build(isa)
+        return _results[isa] is None
+
+
+def _selected() -> str | None:
+    """The ISA the layers would use now, before any build: None when turned off."""
+    if not _enabled():
+        return None
+    if _forced is not _UNSET:
+        return _forced
+    return default_isa()
+
+
+def is_available(isa: str | None = None) -> bool:
+    """True if the kernels of ``isa`` (default: the ISA the layers would use, see
+    :func:`use_isa` and :func:`default_isa`) are built and loaded, building them on the first
+    call in a process. False when ``CENET_KERNELS=0``, inside ``use_isa(None)`` (for the
+    default), for an ISA this CPU does not run, or when the build failed (never raises for
+    that: :func:`build_error` says why).
+
+    Raises:
+        ValueError: for an unknown ISA name, or an invalid ``CENET_CPU_ISA``.
+    """
+    if isa is None:
+        isa = _selected()
+        return isa is not None and _load(isa)
+    if isa not in _valid_isas():
+        _check_isa(isa, "is_available")
+    return _enabled() and isa in supported_isas() and _load(isa)
+
+
+def active_isa() -> str | None:
+    """The ISA whose kernels the layers use now (building them on the first call), or None:
+    kernels off (``CENET_KERNELS=0``, ``use_isa(None)``) or their build failed.
+
+    Raises:
+        ValueError: for an invalid ``CENET_CPU_ISA``.
+    """
+    isa = _selected()
+    return isa if isa is not None and _load(isa) else None
+
+
+@contextlib.contextmanager
+def use_isa(isa: str | None) -> Iterator[None]:
+    """Within the block, :func:`ops`, :func:`active_isa` and :func:`is_available` refer to
+    ``isa``; None turns the kernels off (the layers take the pure-PyTorch path). For tests and
+    benchmarks; process-wide (not per thread); blocks nest.
+
+    Raises:
+        ValueError: if this CPU does not run ``isa`` or no such ISA exists.
+    """
+    global _forced
+    if isa is not None:
+        _check_isa(isa, "use_isa")
+    previous, _forced = _forced, isa
     try:
-        from torch.utils import cpp_extension
-
-        _log.info("building the CE block's CPU kernels (once per machine, about a minute)")
-        cpp_extension.load(
-            name="cenet_block_ops",
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as err:  # noqa: BLE001 - any build failure means: use the fallback
-        warnings.warn(
-            f"cenet: could not build the CPU kernels in {_SOURCE.parent} ({type(err).__name__}: "
-            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); the CE block "
-            "falls back to torch.bmm (slower). Needs g++ and ninja; set CENET_KERNELS=0 to skip "
-            "the build.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+        yield
     finally:
-        ext_log.setLevel(level)
-    _register_fakes()
-    return True
+        _forced = previous
 
 
-def _register_fakes() -> None:
-    """Shape functions so that torch.export and torch.compile can trace the ops, and FLOP
-    formulas for torch.utils.flop_counter (once)."""
-    if _state.get("fakes"):
-        return
-    _state["fakes"] = True
+def _why_not(isa: str | None) -> str:
+    if not _enabled():
+        return "the kernels are turned off (CENET_KERNELS=0)"
+    if isa is None:
+        return "the kernels are turned off (inside cenet.kernels.use_isa(None))"
+    if isa not in supported_isas():
+        return f"this CPU does not run {isa!r}"
+    return f"their build for {isa} failed:\n{_results.get(isa)}"
 
-    @torch.library.register_fake("cenet_kernels::group_apply")
-    def _(w, x, diag, bias, transpose, out):
+
+def ops(isa: str | None = None) -> Any:
+    """The ops of ``isa``'s build (default: the active ISA), ``torch.ops.cenet_kernels_<isa>``:
+    ``ce_step``, ``ce_step_backward``, ``ce_eval``, ``stream_threshold``.
+
+    Raises:
+        RuntimeError: if those kernels are not available (turned off, or the build failed).
+        ValueError: for an unknown ISA name, or an invalid ``CENET_CPU_ISA``.
+    """
+    name = active_isa() if isa is None else isa
+    if name is None or not is_available(name):
+        raise RuntimeError("cenet's CPU kernels are not available: "
+                           + _why_not(_selected() if isa is None else isa))
+    return getattr(torch.ops, _build.extension_name(name))
+
+
+def build_error(isa: str | None = None) -> str | None:
+    """Why the build of ``isa`` (default: the ISA the layers would use) failed: the tail of the
+    compiler's output (its last 30 lines), or a sentence such as "no C++ compiler found";
+    None if it succeeded or was not attempted (``CENET_KERNELS=0``). Attempts the build if
+    this process has not yet.
+
+    Raises:
+        ValueError: for an unknown ISA name, or an invalid ``CENET_CPU_ISA``.
+    """
+    if isa is None:
+        isa = _forced if _forced not in (_UNSET, None) else default_isa()
+    elif isa not in _valid_isas():
+        _check_isa(isa, "build_error")
+    if not _enabled() or isa not in supported_isas():
         return None
-
-    @torch.library.register_fake("cenet_kernels::group_apply_pair")
-    def _(w1, x1, d1, w2, x2, d2, bias, out):
-        return None
-
-    @torch.library.register_fake("cenet_kernels::group_gram")
-    def _(x, y, groups, with_diag, symmetric, with_sums):
-        b, g = x.shape[0], x.shape[1]
-        return (x.new_empty(groups, g, g), x.new_empty(b if with_diag else 0, g),
-                x.new_empty(b if with_sums else 0, g))
-
-    @torch.library.register_fake("cenet_kernels::ce_eval")
-    def _(x, w, fc1t, ln_w, ln_b, ln_eps, fc2t, scale, group_size, out):
-        return None
-
-    @torch.library.register_fake("cenet_kernels::max_pool_2x2")
-    def _(x):
-        return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
-
-    @torch.library.register_fake("cenet_kernels::max_pool_2x2_backward")
-    def _(x, grad, accumulate, out):
-        return None
-
-    @torch.library.register_fake("cenet_kernels::row_moments")
-    def _(x):
-        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
-
-    # torch.utils.flop_counter counts the products as the batched matmuls they replace
-    # (2 FLOPs per multiply-add); reductions such as row_moments count 0, as sums do there.
-    from torch.utils.flop_counter import register_flop_formula
-
-    def product_flops(first_shape, second_shape, *args, **kwargs) -> int:
-        b, g, m = second_shape
-        return 2 * b * g * g * m
-
-    register_flop_formula(torch.ops.cenet_kernels.group_apply)(product_flops)
-    register_flop_formula(torch.ops.cenet_kernels.group_gram)(product_flops)
-
-    def pair_flops(w1_shape, x1_shape, d1_shape, w2_shape, *args, **kwargs) -> int:
-        return (1 + (len(w2_shape) > 1 and w2_shape[0] > 0)) * product_flops(w1_shape, x1_shape)
-
-    register_flop_formula(torch.ops.cenet_kernels.group_apply_pair)(pair_flops)
-
-    def ce_eval_flops(x_shape, w_shape, fc1t_shape, ln_w, ln_b, ln_eps, fc2t_shape, scale,
-                      group_size, *args, **kwargs) -> int:
-        n, c, m = x_shape
-        gate = 2 * n * 2 * c * fc1t_shape[1]  # the two gate layers, as linear layers count
-        return 2 * n * c * group_size * m + gate
-
-    register_flop_formula(torch.ops.cenet_kernels.ce_eval)(ce_eval_flops)
-
-    # The training operator and step: the products they compute, as matmuls count (the
-    # Newton iteration's g×g products, the covariance's μμᵀ, the gate's two layers; backward
-    # the Newton steps' eight products each and the gate's four).
-    def operator_flops(n: int, c: int, hd: int, groups: int, g: int, iters: int,
-                       backward: bool) -> int:
-        newton = (iters - 1) * (8 if backward else 3) * 2 * groups * g**3
-        return 2 * groups * g * g + newton + (4 if backward else 2) * 2 * n * c * hd
-
-    def ce_operator_flops(mean_bd, second, mean_ir, sq_ir, theta, fc1, ln_w, ln_b, fc2, eps_bd,
-                          eps_ir, ln_eps, num_iters, *args, **kwargs) -> int:
-        return operator_flops(*mean_bd, fc1[0], *second[:2], num_iters, False)
-
-    def ce_operator_backward_flops(grad_wm, grad_d, mean_ir, fc1, ln_w, fc2, forward_out, *args,
-                                   **kwargs) -> int:
-        iters, groups, g, _ = forward_out[15]
-        return operator_flops(*grad_d, fc1[0], groups, g, iters, True)
-
-    def ce_step_flops(x, group_size, theta, fc1, ln_w, ln_b, fc2, eps_bd, eps_ir, ln_eps,
-                      num_iters, *args, **kwargs) -> int:
-        n, c, h, w = x
-        products = 2 * (2 * n * c * group_size * h * w)  # moments and output
-        return products + operator_flops(n, c, fc1[0], c // group_size, group_size, num_iters,
-                                         False)
-
-    def ce_step_backward_flops(grad, x, fc1, ln_w, fc2, saved, *args, **kwargs) -> int:
-        n, c, h, w = x
-        iters, groups, g, _ = saved[-1]
-        products = 3 * (2 * n * c * g * h * w)  # gram and the input gradient's two products
-        return products + operator_flops(n, c, fc1[0], groups, g, iters, True)
-
-    for op, formula in ((torch.ops.cenet_kernels.ce_operator, ce_operator_flops),
-                        (torch.ops.cenet_kernels.ce_operator_backward, ce_operator_backward_flops),
-                        (torch.ops.cenet_kernels.ce_step, ce_step_flops),
-                        (torch.ops.cenet_kernels.ce_step_backward, ce_step_backward_flops)):
-        register_flop_formula(op)(formula)
-
-
-def kernels_available() -> bool:
-    """True if the compiled CPU kernels are built (building them on the first call)."""
-    if "ok" not in _state:
-        _state["ok"] = _build()
-    return _state["ok"]
-
-
-def kernels_usable(group_size: int, *tensors: Tensor) -> bool:
-    """True if the kernels take these tensors: CPU, one dtype of float32/float64, groups of at
-    most 64 channels, outside torch.compile, and the kernels built."""
-    if torch.compiler.is_compiling() or group_size > _MAX_GROUP:
-        return False
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dtype != tensors[0].dtype:
-            return False
-    return kernels_available()
+    _load(isa)
+    return _results.get(isa)
 
 
 def stream_threshold(nbytes: int | None = None) -> int:
-    """The output size in bytes from which the compiled products write their output with
+    """The output size in bytes from which the active ISA's kernels write their output with
     non-temporal stores (bypassing the caches, for outputs that would evict their own inputs):
-    by default half the last-level cache the machine reports, at least 12 MiB.
+    by default half the last-level cache the machine reports, at least 12 MiB. Each ISA's
+    build keeps its own threshold.
 
     Args:
         nbytes: a new threshold (0: every output), or None to leave it.
@@ -214,204 +221,76 @@ def stream_threshold(nbytes: int | None = None) -> int:
         The threshold before the call.
 
     Raises:
-        RuntimeError: if the kernels are not built (see :func:`kernels_available`).
+        RuntimeError: if the kernels are not available (see :func:`ops`).
         ValueError: if ``nbytes`` is negative.
     """
     if nbytes is not None and nbytes < 0:
         raise ValueError(f"nbytes must be >= 0 (or None to read the threshold), got {nbytes}")
-    if not kernels_available():
-        raise RuntimeError("cenet.kernels.stream_threshold needs the compiled kernels, which are "
-                           "not built")
-    return torch.ops.cenet_kernels.stream_threshold(-1 if nbytes is None else nbytes)
+    return int(ops().stream_threshold(-1 if nbytes is None else nbytes))
 
 
-def group_apply(
-    w: Tensor,
-    x: Tensor,
-    diag: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    transpose: bool = False,
-    shape: tuple[int, ...] | None = None,
-) -> Tensor:
-    """Y_b = (W_{b mod G} + Diag(d_b)) X_b + c_b for the B = N·G channel groups of a batch.
-
-    Args:
-        w: (G, g, g) group matrices, shared by the samples (used transposed if ``transpose``).
-        x: (B, g, M) feature rows: batch b is group b mod G of sample b // G.
-        diag: (B, g) per-batch diagonals d_b, or None.
-        bias: (B, g) per-row constants c_b added at every position, or None.
-        shape: shape of the returned tensor (B·g·M elements; default (B, g, M)). The result is
-            allocated in this shape, not viewed into it, so that it can be returned from a
-            custom autograd Function and then modified in place.
-
-    Returns:
-        Contiguous tensor in ``x``'s dtype. No autograd: callers define the backward.
-
-    Raises:
-        RuntimeError: for shapes that do not fit (B not a multiple of G, g of ``w`` and ``x``
-            different, ``diag``/``bias`` not (B, g)), from the kernel or from ``torch.bmm``.
-    """
-    b, g, m = x.shape
-    out = x.new_empty(shape if shape is not None else (b, g, m))
-    if kernels_usable(x.shape[1], w, x):
-        none = x.new_empty(0)
-        d = none if diag is None else diag.to(x.dtype)
-        c = none if bias is None else bias.to(x.dtype)
-        torch.ops.cenet_kernels.group_apply(w, x, d, c, transpose, out)
-        return out
-    groups = w.shape[0]
-    mats = w.transpose(1, 2) if transpose else w
-    mats = mats.unsqueeze(0).expand(b // groups, groups, g, g)
-    if diag is not None:
-        mats = mats + torch.diag_embed(diag.to(x.dtype).view(b // groups, groups, g))
-    mats = mats.reshape(b, g, g)
-    flat = out.view(b, g, m)
-    if bias is None:
-        torch.bmm(mats, x, out=flat)
-    else:
-        torch.baddbmm(bias.to(x.dtype).unsqueeze(-1), mats, x, out=flat)
-    return out
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
-def group_apply_pair(
-    w1: Tensor,
-    x1: Tensor,
-    d1: Tensor | None,
-    w2: Tensor | None,
-    x2: Tensor,
-    d2: Tensor | None,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """Y_b = (W1_{b mod G}ᵀ + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b + c_b.
+def _cenet_version() -> str:
+    from importlib import metadata
 
-    Two group products summed in one pass over the feature maps (the CE block's input
-    gradient: through its product, W1 = A, X1 = dY, and through its moments, X2 = X).
+    try:
+        return metadata.version("cenet")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
-    Args:
-        w1, w2: (G, g, g) group matrices (``w1`` used transposed); ``w2`` None: no W2 term,
-            the second product is the diagonal Diag(d2_b) X2_b.
-        x1, x2: (B, g, M) feature rows of one shape, B = N·G.
-        d1, d2: (B, g) per-batch diagonals, or None.
-        bias: (B, g) per-row constants, or None.
+
+def _cuda_devices() -> list[str]:
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a broken driver: report no devices
+        return []
+
+
+def info() -> dict[str, Any]:
+    """What the kernels run on, for bug reports (``cenet info``); builds the kernels if this
+    process has not yet. Never raises for a failed build or an invalid ``CENET_CPU_ISA``.
 
     Returns:
-        Contiguous (B, g, M) tensor in ``x1``'s dtype. No autograd.
-
-    Raises:
-        RuntimeError: for shapes or dtypes that do not fit.
+        A dict, in display order: ``torch``, ``cenet`` (versions), ``python``, ``machine``
+        (platform.machine()), ``cpu`` (model name), ``cpu_capability``, ``supported_isas``
+        (tuple), ``active_isa`` (str or None), ``kernels_active`` (bool), ``kernels_note``
+        (why they are off, or None), ``build_error`` (str or None), ``torch_threads`` (int),
+        ``cuda_devices`` (list of names).
     """
-    if kernels_usable(x1.shape[1], w1, x1, x2, *([] if w2 is None else [w2])):
-        none = x1.new_empty(0)
-        out = torch.empty_like(x1, memory_format=torch.contiguous_format)
-        torch.ops.cenet_kernels.group_apply_pair(
-            w1, x1, none if d1 is None else d1.to(x1.dtype), none if w2 is None else w2, x2,
-            none if d2 is None else d2.to(x1.dtype), none if bias is None else bias.to(x1.dtype),
-            out,
-        )
-        return out
-    out = group_apply(w1, x1, d1, bias, transpose=True)
-    if w2 is not None:
-        return out.add_(group_apply(w2, x2, d2))
-    return out if d2 is None else out.addcmul_(x2, d2.to(x1.dtype).unsqueeze(-1))
-
-
-def group_gram(
-    x: Tensor, y: Tensor, groups: int, *, with_diag: bool = False, symmetric: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Σ_{b mod G = j} X_b Y_bᵀ for each group j, and the per-batch diagonals of X_b Y_bᵀ.
-
-    Args:
-        x, y: (B, g, M) feature rows, B = N·G (``symmetric``: ``y`` is ``x``; half the work).
-        groups: G.
-        with_diag: also return diag(X_b Y_bᵀ) (B, g).
-
-    Returns:
-        ((G, g, g) sums over the samples, (B, g) diagonals or None).
-
-    Raises:
-        RuntimeError: if ``x`` and ``y`` differ in shape or B is not a multiple of G.
-    """
-    if kernels_usable(x.shape[1], x, y):
-        total, diag, _ = torch.ops.cenet_kernels.group_gram(
-            x, y, groups, with_diag, symmetric, False
-        )
-        return total, (diag if with_diag else None)
-    b, g, m = x.shape
-    per = torch.bmm(x, y.transpose(1, 2))
-    total = per.view(b // groups, groups, g, g).sum(0)
-    return total, (per.diagonal(dim1=1, dim2=2) if with_diag else None)
-
-
-def group_second_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The moments of the CE block's statistics in one pass over X (B, g, M), B = N·G:
-    Σ_n X_b X_bᵀ per group (G, g, g) and the row sums and sums of squares (B, g) of every
-    batch (no autograd; :class:`cenet.layers.moments._MomentsNCHW` wraps it).
-
-    Raises:
-        RuntimeError: if B is not a multiple of ``groups``.
-    """
-    if kernels_usable(x.shape[1], x):
-        second, squares, sums = torch.ops.cenet_kernels.group_gram(x, x, groups, True, True, True)
-        return second, sums, squares
-    b, g, m = x.shape
-    second = torch.bmm(x, x.transpose(1, 2)).view(b // groups, groups, g, g).sum(0)
-    return second, x.sum(2), torch.linalg.vector_norm(x, dim=2).square()
-
-
-def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum and sum of squares of each row of X (B, M), in one pass: two (B,) tensors in
-    ``x``'s dtype (no autograd; :func:`cenet.layers.moments.spatial_variance` wraps it).
-
-    Raises:
-        RuntimeError: if ``x`` is not 2-D.
-    """
-    if kernels_usable(0, x):
-        return torch.ops.cenet_kernels.row_moments(x)
-    return x.sum(1), torch.linalg.vector_norm(x, dim=1).square()
-
-
-def ce_eval(
-    x: Tensor,
-    wm: Tensor | None,
-    fc1t: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    ln_eps: float,
-    fc2t: Tensor,
-    scale: float,
-    group_size: int,
-) -> Tensor:
-    """The eval-mode CE block in one pass of the compiled kernel (CE paper, Eqns 4, 7, 8, 21).
-
-    y_n = (W + Diag(d_n)) x_n with d_n = scale · Sigmoid(fc2 ReLU(LN(fc1 σ̃²_n))), σ̃²_n the
-    population variances of the channels of sample n over H×W. The caller folds λ into W and
-    (1 − λ)·running_inv_std into ``scale``. Each sample's variances, gate and product are
-    computed while the sample is in cache. No autograd: for inference (``torch.no_grad``).
-
-    Args:
-        x: (N, C, H, W) NCHW-contiguous input.
-        wm: (C/g, g, g) BD matrices, or None (IR only).
-        fc1t: (C, Hd) first gate layer, transposed; ``ln_weight``, ``ln_bias``: (Hd,) LayerNorm
-            affine; ``fc2t``: (Hd, C) second gate layer, transposed (each layer is then a
-            product of the samples' rows with its rows). All in ``x``'s dtype.
-        ln_eps: ε of the LayerNorm.
-        scale: factor of the IR weights.
-        group_size: g.
-
-    Returns:
-        (N, C, H, W) tensor in ``x``'s dtype.
-
-    Raises:
-        RuntimeError: if the kernels are not built (see :func:`kernels_usable`) or the shapes
-            or dtypes do not fit.
-    """
-    if not kernels_available():
-        raise RuntimeError("cenet.kernels.ce_eval needs the compiled kernels, which are not built")
-    n, c, h, w = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    torch.ops.cenet_kernels.ce_eval(
-        x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1t, ln_weight, ln_bias,
-        ln_eps, fc2t, scale, group_size, out,
-    )
-    return out
+    note = error = active = None
+    try:
+        active = active_isa()
+        if active is None:
+            selected = _selected()
+            note = _why_not(selected).split(":\n", 1)[0]
+            if selected is not None:
+                error = _results.get(selected)
+    except ValueError as err:
+        note = str(err)
+    return {
+        "torch": torch.__version__,
+        "cenet": _cenet_version(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "supported_isas": supported_isas(),
+        "active_isa": active,
+        "kernels_active": active is not None,
+        "kernels_note": note,
+        "build_error": error,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_devices": _cuda_devices(),
+    }

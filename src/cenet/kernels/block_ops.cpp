@@ -4,7 +4,8 @@
 // an NCHW feature map, M = H*W. BLAS libraries tune for large square products and reach a
 // fraction of the machine's speed at these shapes (K = 16); these loops keep a tile of the
 // output in vector registers and stream the feature rows once. Vectors are GCC vector
-// extensions, so the code compiles for whatever the build machine offers (-march=native).
+// extensions as wide as the target's registers (CENET_VEC_BYTES: 64 bytes with AVX-512, 32
+// with AVX2, 16 with SSE2 or NEON), so the code compiles for any -march.
 //
 // X (B,g,M) holds B = N*G blocks of g feature rows: batch b is group b mod G of sample b / G.
 //   group_apply(W (G,g,g), X, diag (B,g) or empty, bias (B,g) or empty, transpose, out):
@@ -14,10 +15,7 @@
 //   group_gram(X, Y, G, with_diag, symmetric, with_sums) -> (sum_{b mod G = j} X_b Y_b^T
 //       (G,g,g), per-batch diagonals (B,g) or empty, per-batch row sums (B,g) or empty);
 //       symmetric: X is Y, half the tiles; row sums only then (the moments in one pass)
-//   row_moments(X (B,M)) -> (sum over M, sum of squares over M), each (B,)
-//   max_pool_2x2(X (P,H,W)) -> (P,H/2,W/2), max_pool_2x2_backward(X, grad, accumulate, out):
-//       F.max_pool2d(x, 2, 2) without the index map; the backward writes or adds dX to out
-//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1t, ln_w, ln_b, ln_eps, fc2t, scale, g, out):
+//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1t, ln_w, ln_b, ln_eps, fc2t, scale (1), g, out):
 //       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
 //       from X_n on the way (variances, gate MLP), a few samples per task
 //
@@ -25,13 +23,14 @@
 // non-temporal stores (staged; stream_threshold(bytes) -> previous value reads or sets the
 // threshold).
 //
-// Registered as torch.ops.cenet_kernels.* (CPU, float32 and float64, contiguous inputs).
+// C++ functions of namespace CENET_NS (cenet_kernels.h), called by ce_step.cpp, which registers
+// the public ops (CPU, float32 and float64, contiguous inputs).
 
-#include <ATen/ATen.h>
+#include "cenet_kernels.h"
+
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -41,14 +40,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <tuple>
 #include <vector>
 
+namespace CENET_NS {
 namespace {
 
-constexpr int kVecBytes = 64;
+constexpr int kVecBytes = CENET_VEC_BYTES;
 
 template <typename T>
 struct Vec {
@@ -192,6 +191,10 @@ inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, const Out
 // a part at a time: the feature rows of a group are short (H*W positions) and read as g
 // interleaved streams, which the hardware prefetchers follow poorly, so the block of the next
 // task is requested while this one computes (about 1.5x faster from DRAM at M = 196).
+// NOTE: GCC 12 deletes the loop of part() as side-effect free (a loop of __builtin_prefetch
+// only), so none of these prefetches is emitted, with any -march (nor were they with
+// -march=native before). Kept live (an empty asm volatile in the loop), they made ce_step,
+// its backward and ce_eval 5-30 % slower on a 2-vCPU AVX-512 Xeon VM; left as they are.
 struct Prefetch {
   const char* x = nullptr;
   const char* x2 = nullptr;  // the second source of a paired product, at the same offsets
@@ -282,8 +285,11 @@ constexpr int64_t kMaxGroup = 64;
 constexpr int64_t kMinStreamBytes = int64_t(12) << 20;
 
 int64_t default_stream_bytes() {
-  const long llc = std::max({sysconf(_SC_LEVEL2_CACHE_SIZE), sysconf(_SC_LEVEL3_CACHE_SIZE),
-                             sysconf(_SC_LEVEL4_CACHE_SIZE)});
+  long llc = 0;  // the largest cache level sysconf knows of (glibc; 0 where it reports none)
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL4_CACHE_SIZE)
+  llc = std::max({sysconf(_SC_LEVEL2_CACHE_SIZE), sysconf(_SC_LEVEL3_CACHE_SIZE),
+                  sysconf(_SC_LEVEL4_CACHE_SIZE)});
+#endif
   return std::max<int64_t>(kMinStreamBytes, int64_t(std::max(llc, 0L)) / 2);
 }
 
@@ -293,10 +299,40 @@ inline bool stream_output(int64_t bytes) {
   return bytes >= g_stream_bytes.load(std::memory_order_relaxed);
 }
 
-// The threshold of stream_output in bytes; bytes >= 0 sets it (0: stream every output),
-// bytes < 0 leaves it. Returns the previous value.
-int64_t stream_threshold(int64_t bytes) {
-  return bytes < 0 ? g_stream_bytes.load() : g_stream_bytes.exchange(bytes);
+// One vector to p (aligned to the vector's size) with a non-temporal store where the target
+// has one: the line is written without being read into the caches. Elsewhere an ordinary store.
+template <typename T>
+inline void stream_store(T* p, typename Vec<T>::type v) {
+#if defined(__has_builtin) && !defined(__x86_64__) && !defined(__i386__)
+#if __has_builtin(__builtin_nontemporal_store)
+#define CENET_HAVE_NT_STORE 1
+  __builtin_nontemporal_store(v, reinterpret_cast<typename Vec<T>::type*>(p));  // clang
+  return;
+#endif
+#endif
+#if !defined(CENET_HAVE_NT_STORE)
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    _mm512_stream_ps(reinterpret_cast<float*>(p), (__m512)v);
+  } else {
+    _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)v);
+  }
+#elif defined(__AVX__)
+  if constexpr (sizeof(T) == 4) {
+    _mm256_stream_ps(reinterpret_cast<float*>(p), (__m256)v);
+  } else {
+    _mm256_stream_pd(reinterpret_cast<double*>(p), (__m256d)v);
+  }
+#elif defined(__SSE2__)
+  if constexpr (sizeof(T) == 4) {
+    _mm_stream_ps(reinterpret_cast<float*>(p), (__m128)v);
+  } else {
+    _mm_stream_pd(reinterpret_cast<double*>(p), (__m128d)v);
+  }
+#else
+  store<T>(p, v);
+#endif
+#endif
 }
 
 // dst[0:n] = src[0:n], the whole 64-byte lines of dst with non-temporal stores (no read of the
@@ -311,26 +347,17 @@ inline void stream_copy(T* dst, const T* src, int64_t n) {
     return;
   }
   std::memcpy(dst, src, head * sizeof(T));
-  for (i = head; i + L <= n; i += L) {
-#if defined(__AVX512F__)
-    const typename Vec<T>::type v = load<T>(src + i);
-    if constexpr (sizeof(T) == 4) {
-      _mm512_stream_ps(reinterpret_cast<float*>(dst + i), reinterpret_cast<const __m512&>(v));
-    } else {
-      _mm512_stream_pd(reinterpret_cast<double*>(dst + i), reinterpret_cast<const __m512d&>(v));
-    }
-#else
-    std::memcpy(dst + i, src + i, L * sizeof(T));
-#endif
-  }
+  for (i = head; i + L <= n; i += L) stream_store<T>(dst + i, load<T>(src + i));
   std::memcpy(dst + i, src + i, (n - i) * sizeof(T));
 }
 
 // Orders a thread's non-temporal stores before whatever it does next (the end of a parallel
 // region, after which other threads read the output).
 inline void stream_fence() {
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
   _mm_sfence();
+#else
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
 #endif
 }
 
@@ -394,6 +421,12 @@ void check_group_args(const at::Tensor& w, const at::Tensor& x, const char* name
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), name, ": dtypes differ");
 }
 
+}  // namespace
+
+int64_t stream_threshold(int64_t bytes) {
+  return bytes < 0 ? g_stream_bytes.load() : g_stream_bytes.exchange(bytes);
+}
+
 // out_b = (W_{b mod G}[^T] + Diag(diag_b)) X_b + bias_b for every batch b (one sample's group).
 void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& diag,
                  const at::Tensor& bias, bool transpose, at::Tensor& out) {
@@ -443,6 +476,8 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
   });
 }
 
+namespace {
+
 // out[r, p] += d[r] * x[r, p] for the g rows of a block, positions [p0, p1).
 template <typename T>
 void add_scaled_rows(const T* d, const T* x, const Out<T>& out, int64_t g, int64_t m, int64_t p0,
@@ -458,6 +493,8 @@ void add_scaled_rows(const T* d, const T* x, const Out<T>& out, int64_t g, int64
     for (; p < p1; ++p, ++orow) *orow += d[r] * xr[p];
   }
 }
+
+}  // namespace
 
 // out_b = (W1_{b mod G}^T + Diag(d1_b)) X1_b + (W2_{b mod G} + Diag(d2_b)) X2_b + bias_b: two
 // products summed in one pass over the feature maps (the input gradient of the CE block, from
@@ -538,6 +575,8 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
   });
 }
 
+namespace {
+
 template <typename T>
 inline T hsum_tree(typename Vec<T>::type v) {
   // Butterfly: half the lanes at a time (log2(lanes) shuffle-adds).
@@ -563,19 +602,25 @@ inline typename Vec<T>::type fold_pair(typename Vec<T>::type u, typename Vec<T>:
   return __builtin_shuffle(u, v, lo) + __builtin_shuffle(u, v, hi);
 }
 
+// The levels of hsum_rows from blocks of 2W lanes down: the 2W vectors of v folded pairwise
+// into W (in place), then the next level.
+template <typename T, int W>
+inline void fold_levels(typename Vec<T>::type* v) {
+  for (int i = 0; i < W; ++i) v[i] = fold_pair<T, W>(v[2 * i], v[2 * i + 1]);
+  if constexpr (W > 1) fold_levels<T, W / 2>(v);
+}
+
 // Lane r of the result is the sum of the lanes of rows[r], for kLanes vectors (a transposing
 // tree of shuffles: about 3 vector operations a row instead of a scalar sum of every lane).
 template <typename T>
 inline typename Vec<T>::type hsum_rows(const typename Vec<T>::type* rows) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
-  static_assert(L == 8 || L == 16, "hsum_rows: 8 or 16 lanes");
-  V a[L / 2], b[L / 4], c[2];
-  for (int i = 0; i < L / 2; ++i) a[i] = fold_pair<T, L / 2>(rows[2 * i], rows[2 * i + 1]);
-  for (int i = 0; i < L / 4; ++i) b[i] = fold_pair<T, L / 4>(a[2 * i], a[2 * i + 1]);
-  if constexpr (L == 8) return fold_pair<T, 1>(b[0], b[1]);
-  for (int i = 0; i < 2; ++i) c[i] = fold_pair<T, 2>(b[2 * i], b[2 * i + 1]);
-  return fold_pair<T, 1>(c[0], c[1]);
+  static_assert(L >= 2 && (L & (L - 1)) == 0, "hsum_rows: a power of 2 lanes");
+  V v[L];
+  for (int i = 0; i < L; ++i) v[i] = rows[i];
+  fold_levels<T, L / 2>(v);
+  return v[0];
 }
 
 // out[r][k] += sum over the samples n in [n0, n1) of X_n[r0+r] . Y_n[k0+k], where X_n, Y_n are
@@ -609,9 +654,8 @@ void gram_tile(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, T
       V xv[RT], yv[KT];
       for (int r = 0; r < RT; ++r) xv[r] = load<T>(xn + (r0 + r) * m + p);
       for (int k = 0; k < KT; ++k) yv[k] = load<T>(yn + (k0 + k) * m + p);
-      // Keep the loaded rows in registers: GCC otherwise reloads them for every product.
-      for (int r = 0; r < RT; ++r) asm("" : "+v"(xv[r]));
-      for (int k = 0; k < KT; ++k) asm("" : "+v"(yv[k]));
+      // (An empty asm per loaded row, to keep the rows in registers, made no difference with
+      // AVX-512 and cost 2-6 % with AVX2's 16 registers: the compiler places them.)
       for (int r = 0; r < RT; ++r)
         for (int k = 0; k < KT; ++k) acc[r][k] += xv[r] * yv[k];
       if constexpr (SUMS)
@@ -677,6 +721,8 @@ void gram_group(const T* x, const T* y, int64_t stride, int64_t n0, int64_t n1, 
     }
 }
 
+}  // namespace
+
 // sum_G[j] = sum over b with b mod G = j of X_b Y_b^T (G,g,g); diag (B,g) the per-batch diagonals.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
                                                           const at::Tensor& y, int64_t groups,
@@ -738,6 +784,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
   return {total, diag, sums};
 }
 
+namespace {
+
 // Sums and sums of squares of one row of m elements, as vectors whose lanes are still to add.
 template <typename T>
 inline void row_sum_sq_lanes(const T* row, int64_t m, typename Vec<T>::type& sum,
@@ -777,23 +825,6 @@ inline void row_sum_sq(const T* row, int64_t m, T& sum, T& sq) {
   sq = hsum_tree<T>(q);
 }
 
-std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "row_moments: expected X (B,M), got ", x.sizes());
-  const int64_t b_dim = x.size(0), m = x.size(1);
-  auto xc = x.contiguous();
-  auto sum = at::empty({b_dim}, x.options());
-  auto sq = at::empty({b_dim}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_moments", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    scalar_t* sp = sum.data_ptr<scalar_t>();
-    scalar_t* qp = sq.data_ptr<scalar_t>();
-    at::parallel_for(0, b_dim, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t bi = begin; bi < end; ++bi) row_sum_sq<scalar_t>(xp + bi * m, m, sp[bi], qp[bi]);
-    });
-  });
-  return {sum, sq};
-}
-
 // Population variance of each of the C rows (M positions) of one sample (CE paper, Eqn 7);
 // rows in blocks of kLanes, whose vector sums are reduced together (hsum_rows).
 template <typename T>
@@ -809,7 +840,7 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
     // multiply-subtract would leave the rounding error of x^2 where the variance is exactly
     // 0 (1x1 maps), and the gate's LayerNorm magnifies such noise.
     V mean_sq = mean * mean;
-    asm("" : "+v"(mean_sq));
+    CENET_OPAQUE(mean_sq);
     V v = hsum_rows<T>(q) / T(m) - mean_sq;
     v = v > T(0) ? v : splat<T>(0);
     store<T>(var + c, v);
@@ -819,7 +850,7 @@ void row_variances(const T* x, int64_t c_dim, int64_t m, T* var) {
     row_sum_sq<T>(x + c * m, m, s, q);
     const T mean = s / m;
     T mean_sq = mean * mean;
-    asm("" : "+x"(mean_sq));
+    CENET_OPAQUE(mean_sq);
     var[c] = std::max(q / m - mean_sq, T(0));
   }
 }
@@ -901,15 +932,21 @@ void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1t, const
   scaled_sigmoid<T>(d, samples * c_dim, scale);
 }
 
+}  // namespace
+
 // Eval-mode CE block on X (N,C,M): out_n = (W + Diag(d_n)) X_n, d_n the IR weights of sample n
 // and W (G,g,g) the block-diagonal BD matrix, or none (IR only). With at least 4 samples per
 // thread, each thread takes whole samples: the variance pass brings a sample into cache and
 // the product reads it from there. Otherwise all weights first, then the product split over
-// positions as in group_apply.
+// positions as in group_apply. scale: a one-element tensor (the factor of the IR weights, read
+// here so that the caller never synchronizes on it).
 void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
              const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2t,
-             double scale, int64_t group_size, at::Tensor& out) {
+             const at::Tensor& scale_t, int64_t group_size, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3, "ce_eval: expected X (N,C,M), got ", x.sizes());
+  TORCH_CHECK(scale_t.numel() == 1, "ce_eval: expected a one-element scale, got ",
+              scale_t.sizes());
+  const double scale = scale_t.item<double>();
   const int64_t n_dim = x.size(0), c_dim = x.size(1), m = x.size(2), g = group_size;
   TORCH_CHECK(fc1t.dim() == 2, "ce_eval: expected fc1 transposed (C,Hd), got ", fc1t.sizes());
   const int64_t hd = fc1t.size(1);
@@ -1011,198 +1048,4 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
   });
 }
 
-// 2x2 max pooling with stride 2 of X (P,H,W) -> (P,H/2,W/2) (the BD statistics of the CE
-// paper, appendix G), and its backward: the gradient goes to the first maximum of the window
-// in row-major order, as at::max_pool2d chooses it.
-
-// Even and odd elements of 2L consecutive ones (v0, v1), and the inverse interleave.
-template <typename T>
-struct Deinterleave {
-  using V = typename Vec<T>::type;
-  using M = typename Vec<T>::mask;
-  static constexpr int L = Vec<T>::kLanes;
-  M even, odd, lo, hi;
-  Deinterleave() {
-    for (int i = 0; i < L; ++i) {
-      even[i] = 2 * i;
-      odd[i] = 2 * i + 1;
-      lo[i] = (i % 2 ? L : 0) + i / 2;
-      hi[i] = lo[i] + L / 2;
-    }
-  }
-};
-
-// The four corners of L windows from j on (rows r0, r1 of X), and their maximum.
-template <typename T>
-struct Windows {
-  using V = typename Vec<T>::type;
-  V a, b, c, d, best;
-  Windows(const T* r0, const T* r1, int64_t j, const Deinterleave<T>& di) {
-    constexpr int L = Vec<T>::kLanes;
-    const V x0 = load<T>(r0 + 2 * j), x1 = load<T>(r0 + 2 * j + L);
-    const V y0 = load<T>(r1 + 2 * j), y1 = load<T>(r1 + 2 * j + L);
-    a = __builtin_shuffle(x0, x1, di.even);
-    b = __builtin_shuffle(x0, x1, di.odd);
-    c = __builtin_shuffle(y0, y1, di.even);
-    d = __builtin_shuffle(y0, y1, di.odd);
-    const V ab = a > b ? a : b, cd = c > d ? c : d;
-    best = ab > cd ? ab : cd;
-  }
-};
-
-// The same for one window (the tail of a row).
-template <typename T>
-struct Window {
-  T a, b, c, d, best;
-  Window(const T* r0, const T* r1, int64_t j)
-      : a(r0[2 * j]), b(r0[2 * j + 1]), c(r1[2 * j]), d(r1[2 * j + 1]),
-        best(std::max(std::max(a, b), std::max(c, d))) {}
-};
-
-// One output row of the pooling: rows r0, r1 of X -> wo maxima (a NaN anywhere gives NaN).
-template <typename T>
-void pool_row(const T* r0, const T* r1, T* out, int64_t wo, const Deinterleave<T>& di) {
-  using V = typename Vec<T>::type;
-  using M = typename Vec<T>::mask;
-  constexpr int L = Vec<T>::kLanes;
-  int64_t j = 0;
-  for (; j + L <= wo; j += L) {
-    const Windows<T> w(r0, r1, j, di);
-    const M nan = (w.a != w.a) | (w.b != w.b) | (w.c != w.c) | (w.d != w.d);
-    store<T>(out + j, (V)((M)w.best | nan));  // all bits set: a NaN
-  }
-  for (; j < wo; ++j) {
-    const Window<T> w(r0, r1, j);
-    const bool nan = (w.a != w.a) | (w.b != w.b) | (w.c != w.c) | (w.d != w.d);
-    out[j] = nan ? std::numeric_limits<T>::quiet_NaN() : w.best;
-  }
-}
-
-// The gradient of one output row: g goes to the first maximum of each window (row-major).
-// (NaN windows, where max_pool2d picks the last NaN, never reach a backward here: the BD
-// statistics raise on a non-finite covariance first.)
-// ADD: add the gradient to d0, d1 rather than overwrite them.
-template <typename T, bool ADD>
-void pool_row_backward(const T* r0, const T* r1, const T* g, T* d0, T* d1, int64_t wo,
-                       const Deinterleave<T>& di) {
-  using V = typename Vec<T>::type;
-  using M = typename Vec<T>::mask;
-  constexpr int L = Vec<T>::kLanes;
-  int64_t j = 0;
-  for (; j + L <= wo; j += L) {
-    const Windows<T> w(r0, r1, j, di);
-    const M ta = w.a == w.best, tb = (w.b == w.best) & ~ta, tc = (w.c == w.best) & ~ta & ~tb;
-    const M td = ~(ta | tb | tc);
-    const M gm = (M)load<T>(g + j);
-    const V ga = (V)(gm & ta), gb = (V)(gm & tb), gc = (V)(gm & tc), gd = (V)(gm & td);
-    V o[4] = {__builtin_shuffle(ga, gb, di.lo), __builtin_shuffle(ga, gb, di.hi),
-              __builtin_shuffle(gc, gd, di.lo), __builtin_shuffle(gc, gd, di.hi)};
-    T* dst[4] = {d0 + 2 * j, d0 + 2 * j + L, d1 + 2 * j, d1 + 2 * j + L};
-    for (int q = 0; q < 4; ++q) store<T>(dst[q], ADD ? load<T>(dst[q]) + o[q] : o[q]);
-  }
-  for (; j < wo; ++j) {
-    const Window<T> w(r0, r1, j);
-    const bool ta = w.a == w.best, tb = !ta && w.b == w.best, tc = !ta && !tb && w.c == w.best;
-    const T v[4] = {ta ? g[j] : T(0), tb ? g[j] : T(0), tc ? g[j] : T(0),
-                    !ta && !tb && !tc ? g[j] : T(0)};
-    T* dst[4] = {d0 + 2 * j, d0 + 2 * j + 1, d1 + 2 * j, d1 + 2 * j + 1};
-    for (int q = 0; q < 4; ++q) *dst[q] = ADD ? *dst[q] + v[q] : v[q];
-  }
-}
-
-at::Tensor max_pool_2x2(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 3 && x.size(1) >= 2 && x.size(2) >= 2,
-              "max_pool_2x2: expected X (P,H,W) with H, W >= 2, got ", x.sizes());
-  const int64_t planes = x.size(0), h = x.size(1), w = x.size(2), ho = h / 2, wo = w / 2;
-  auto xc = x.contiguous();
-  auto y = at::empty({planes, ho, wo}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_2x2", [&] {
-    using T = scalar_t;
-    const T* xp = xc.data_ptr<T>();
-    T* yp = y.data_ptr<T>();
-    const Deinterleave<T> di;
-    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t p = t / ho, i = t % ho;
-        const T* r0 = xp + (p * h + 2 * i) * w;
-        T* out = yp + t * wo;
-        pool_row<T>(r0, r0 + w, out, wo, di);
-      }
-    });
-  });
-  return y;
-}
-
-// dX of the pooling (accumulate: added to out, which must then be X's shape; otherwise out is
-// overwritten, zeros where no window covers X).
-void max_pool_2x2_backward(const at::Tensor& x, const at::Tensor& grad, bool accumulate,
-                           at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 3 && grad.dim() == 3 && grad.size(0) == x.size(0) &&
-                  grad.size(1) == x.size(1) / 2 && grad.size(2) == x.size(2) / 2 &&
-                  grad.scalar_type() == x.scalar_type(),
-              "max_pool_2x2_backward: expected X (P,H,W) and grad (P,H/2,W/2), got ", x.sizes(),
-              " and ", grad.sizes());
-  TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel() &&
-                  out.scalar_type() == x.scalar_type(),
-              "max_pool_2x2_backward: out must be contiguous, with X's size and dtype");
-  const int64_t planes = x.size(0), h = x.size(1), w = x.size(2), ho = h / 2, wo = w / 2;
-  auto xc = x.contiguous();
-  auto gc = grad.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_2x2_backward", [&] {
-    using T = scalar_t;
-    const T* xp = xc.data_ptr<T>();
-    const T* gp = gc.data_ptr<T>();
-    T* dp = out.data_ptr<T>();
-    const Deinterleave<T> di;
-    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t p = t / ho, i = t % ho;
-        const int64_t off = (p * h + 2 * i) * w;
-        const T* r0 = xp + off;
-        const T* r1 = r0 + w;
-        T* d0 = dp + off;
-        T* d1 = d0 + w;
-        const T* g = gp + t * wo;
-        if (accumulate) {
-          pool_row_backward<T, true>(r0, r1, g, d0, d1, wo, di);
-          continue;
-        }
-        pool_row_backward<T, false>(r0, r1, g, d0, d1, wo, di);
-        if (w % 2) d0[w - 1] = d1[w - 1] = T(0);
-        // a row that no window covers (odd H) gets no gradient
-        if (h % 2 && i == ho - 1) std::fill(d1 + w, d1 + 2 * w, T(0));
-      }
-    });
-  });
-}
-
-}  // namespace
-
-TORCH_LIBRARY(cenet_kernels, lib) {
-  lib.def(
-      "group_apply(Tensor w, Tensor x, Tensor diag, Tensor bias, bool transpose, Tensor(a!) out)"
-      " -> ()");
-  lib.def(
-      "group_gram(Tensor x, Tensor y, int groups, bool with_diag, bool symmetric,"
-      " bool with_sums) -> (Tensor, Tensor, Tensor)");
-  lib.def(
-      "group_apply_pair(Tensor w1, Tensor x1, Tensor d1, Tensor w2, Tensor x2, Tensor d2,"
-      " Tensor bias, Tensor(a!) out) -> ()");
-  lib.def("row_moments(Tensor x) -> (Tensor, Tensor)");
-  lib.def("max_pool_2x2(Tensor x) -> Tensor");
-  lib.def("max_pool_2x2_backward(Tensor x, Tensor grad, bool accumulate, Tensor(a!) out) -> ()");
-  lib.def(
-      "ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
-      " float scale, int group_size, Tensor(a!) out) -> ()");
-  lib.def("stream_threshold(int bytes) -> int", &stream_threshold);
-}
-
-TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
-  lib.impl("group_apply", &group_apply);
-  lib.impl("group_gram", &group_gram);
-  lib.impl("group_apply_pair", &group_apply_pair);
-  lib.impl("row_moments", &row_moments);
-  lib.impl("max_pool_2x2", &max_pool_2x2);
-  lib.impl("max_pool_2x2_backward", &max_pool_2x2_backward);
-  lib.impl("ce_eval", &ce_eval);
-}
+}  // namespace CENET_NS

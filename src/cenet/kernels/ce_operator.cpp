@@ -16,17 +16,17 @@
 //   ce_operator_backward(grad λW, grad (1-λ)d, inputs..., saved...) -> the gradients of
 //   mean_bd, second, mean_ir, sq_ir, theta, fc1, ln_w, ln_b, fc2.
 //
-// All tensors of one dtype (float32 or float64); no autograd (cenet.layers.ce_operator calls
-// the pair from the fused block's autograd node).
+// All tensors of one dtype (float32 or float64); no autograd. C++ functions of namespace
+// CENET_NS (cenet_kernels.h): ce_step.cpp chains them with the products of block_ops.cpp.
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "cenet_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+namespace CENET_NS {
 namespace {
 
 using at::Tensor;
@@ -140,6 +140,8 @@ void newton_group_backward(T* grad_p, const T* sn, T trace, const T* mu, const T
     grad_mu[i] = -acc;
   }
 }
+
+}  // namespace
 
 std::vector<Tensor> ce_operator(const Tensor& mean_bd, const Tensor& second,
                                 const Tensor& mean_ir, const Tensor& sq_ir, const Tensor& theta,
@@ -319,19 +321,4 @@ std::vector<Tensor> ce_operator_backward(const Tensor& grad_wm, const Tensor& gr
           grad_fc1, grad_ln_w, grad_ln_b, grad_fc2};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cenet_kernels, lib) {
-  lib.def(
-      "ce_operator(Tensor mean_bd, Tensor second, Tensor mean_ir, Tensor sq_ir, Tensor theta,"
-      " Tensor fc1, Tensor ln_w, Tensor ln_b, Tensor fc2, float eps_bd, float eps_ir,"
-      " float ln_eps, int num_iters) -> Tensor[]");
-  lib.def(
-      "ce_operator_backward(Tensor grad_wm, Tensor grad_d, Tensor mean_ir, Tensor fc1,"
-      " Tensor ln_w, Tensor fc2, Tensor[] forward_out) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
-  lib.impl("ce_operator", &ce_operator);
-  lib.impl("ce_operator_backward", &ce_operator_backward);
-}
+}  // namespace CENET_NS

@@ -1,8 +1,8 @@
 // The CE block's training step on an NCHW map (without pooling) as two ops, forward and
-// backward, that chain the kernels of block_ops.cpp and the operator of ce_operator.cpp
-// through the dispatcher: between the passes over the map only a few small tensors change
-// hands, and from Python they cost more than they compute (the block alone, forward and
-// backward, 2.49 -> 2.13 ms at (64, 256, 8, 8)).
+// backward, that chain the kernels of block_ops.cpp and the operator of ce_operator.cpp (direct
+// C++ calls): between the passes over the map only a few small tensors change hands, and from
+// Python they cost more than they compute (the block alone, forward and backward, 2.49 ->
+// 2.13 ms at (64, 256, 8, 8)).
 //
 // X (N,C,H,W) NCHW-contiguous, seen by the kernels as B = N*G blocks of g feature rows, M = H*W.
 //   ce_step(X, g, theta, fc1, ln_w, ln_b, fc2, eps_bd, eps_ir, ln_eps, T) -> [Y (N,C,H,W),
@@ -12,32 +12,22 @@
 //       -> [dX, dθ, dfc1, dln_w, dln_b, dfc2]:
 //       Σ_n dY_b X_bᵀ and its diagonals (one pass), the operator's backward, then
 //       dX_b = A_bᵀ dY_b + (S + Diag(2 dsq_b / M)) X_b + dmean_b / M (one pass),
-//       S = (dΣ + dΣᵀ) / (N M)  (cenet.layers.fused_block derives it)
+//       S = (dΣ + dΣᵀ) / (N M)
+//
+// This file registers the public ops of one build, torch.ops.<CENET_NS>.*:
+//   ce_step, ce_step_backward (above), ce_eval and stream_threshold (block_ops.cpp).
 
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "cenet_kernels.h"
+
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+namespace CENET_NS {
 namespace {
 
 using at::Tensor;
-
-// The registered op `name` (cenet_kernels::...) with the C++ signature Sig, found once.
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using T = const Tensor&;
-using GramSig = std::tuple<Tensor, Tensor, Tensor>(T, T, int64_t, bool, bool, bool);
-using ApplySig = void(T, T, T, T, bool, Tensor&);
-using PairSig = void(T, T, T, T, T, T, T, Tensor&);
-using OperatorSig = std::vector<Tensor>(T, T, T, T, T, T, T, T, T, double, double, double,
-                                        int64_t);
-using OperatorBackwardSig = std::vector<Tensor>(T, T, T, T, T, T, const std::vector<Tensor>&);
 
 // (N,C,H,W) as (N*G, g, H*W)
 Tensor blocks(const Tensor& x, int64_t g) {
@@ -52,18 +42,15 @@ std::vector<Tensor> ce_step(const Tensor& x4, int64_t g, const Tensor& theta, co
               x4.sizes(), " and g = ", g);
   const Tensor x = blocks(x4, g);
   const int64_t n = x4.size(0), b = x.size(0), m = x.size(2), groups = b / n;
-  static const auto gram_op = find_op<GramSig>("cenet_kernels::group_gram");
-  static const auto apply_op = find_op<ApplySig>("cenet_kernels::group_apply");
-  static const auto operator_op = find_op<OperatorSig>("cenet_kernels::ce_operator");
-  auto [second, sq, total] = gram_op.call(x, x, groups, true, true, true);
+  auto [second, sq, total] = group_gram(x, x, groups, true, true, true);
   const Tensor mean = total.view({n, groups * g}).div_(m);
   const Tensor sq_mean = sq.view({n, groups * g}).div_(m);
   second.div_(n * m);
-  std::vector<Tensor> out = operator_op.call(mean, second, mean, sq_mean, theta, fc1, ln_w, ln_b,
-                                             fc2, eps_bd, eps_ir, ln_eps, num_iters);
+  std::vector<Tensor> out = ce_operator(mean, second, mean, sq_mean, theta, fc1, ln_w, ln_b, fc2,
+                                        eps_bd, eps_ir, ln_eps, num_iters);
   const Tensor y = at::empty_like(x4);  // allocated in its shape (an in-place op may follow)
   Tensor yb = blocks(y, g);
-  apply_op.call(out[0], x, out[1].view({b, g}), at::empty({0}, x.options()), false, yb);
+  group_apply(out[0], x, out[1].view({b, g}), at::empty({0}, x.options()), false, yb);
   out.insert(out.begin(), {y, mean});
   return out;
 }
@@ -78,28 +65,29 @@ std::vector<Tensor> ce_step_backward(const Tensor& grad, const Tensor& x4, const
   const Tensor x = blocks(x4, g);
   const int64_t b = x.size(0), m = x.size(2);
   const int64_t n = mean.size(0), groups = b / n;
-  static const auto gram_op = find_op<GramSig>("cenet_kernels::group_gram");
-  static const auto pair_op = find_op<PairSig>("cenet_kernels::group_apply_pair");
-  static const auto backward_op =
-      find_op<OperatorBackwardSig>("cenet_kernels::ce_operator_backward");
   const Tensor dy = blocks(grad.contiguous(), g);
-  auto [grad_wm, grad_diag, unused] = gram_op.call(dy, x, groups, true, false, false);
+  auto [grad_wm, grad_diag, unused] = group_gram(dy, x, groups, true, false, false);
   const std::vector<Tensor> op_out(saved.begin() + 1, saved.end());
   const std::vector<Tensor> grads =
-      backward_op.call(grad_wm, grad_diag.view({n, groups * g}), mean, fc1, ln_w, fc2, op_out);
+      ce_operator_backward(grad_wm, grad_diag.view({n, groups * g}), mean, fc1, ln_w, fc2, op_out);
   // grads: mean (BD), second, mean (IR), sq (IR), theta, fc1, ln_w, ln_b, fc2
   const Tensor sym = (grads[1] + grads[1].transpose(1, 2)).div_(n * m);
   const Tensor d2 = grads[3].view({b, g}).mul(2.0 / m);
   const Tensor bias = (grads[0] + grads[2]).view({b, g}).div_(m);
   const Tensor grad_x = at::empty_like(x4);
   Tensor grad_xb = blocks(grad_x, g);
-  pair_op.call(op_out[0], dy, op_out[1].view({b, g}), sym, x, d2, bias, grad_xb);
+  group_apply_pair(op_out[0], dy, op_out[1].view({b, g}), sym, x, d2, bias, grad_xb);
   return {grad_x, grads[4], grads[5], grads[6], grads[7], grads[8]};
 }
 
 }  // namespace
+}  // namespace CENET_NS
 
-TORCH_LIBRARY_FRAGMENT(cenet_kernels, lib) {
+// TORCH_LIBRARY stringizes its namespace argument: one more macro level expands CENET_NS first.
+#define CENET_TORCH_LIBRARY(ns, lib) TORCH_LIBRARY(ns, lib)
+#define CENET_TORCH_LIBRARY_IMPL(ns, key, lib) TORCH_LIBRARY_IMPL(ns, key, lib)
+
+CENET_TORCH_LIBRARY(CENET_NS, lib) {
   lib.def(
       "ce_step(Tensor x, int group_size, Tensor theta, Tensor fc1, Tensor ln_w, Tensor ln_b,"
       " Tensor fc2,"
@@ -107,9 +95,14 @@ TORCH_LIBRARY_FRAGMENT(cenet_kernels, lib) {
   lib.def(
       "ce_step_backward(Tensor grad, Tensor x, Tensor fc1, Tensor ln_w, Tensor fc2,"
       " Tensor[] saved) -> Tensor[]");
+  lib.def(
+      "ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
+      " Tensor scale, int group_size, Tensor(a!) out) -> ()");
+  lib.def("stream_threshold(int bytes) -> int", &CENET_NS::stream_threshold);
 }
 
-TORCH_LIBRARY_IMPL(cenet_kernels, CPU, lib) {
-  lib.impl("ce_step", &ce_step);
-  lib.impl("ce_step_backward", &ce_step_backward);
+CENET_TORCH_LIBRARY_IMPL(CENET_NS, CPU, lib) {
+  lib.impl("ce_step", &CENET_NS::ce_step);
+  lib.impl("ce_step_backward", &CENET_NS::ce_step_backward);
+  lib.impl("ce_eval", &CENET_NS::ce_eval);
 }
