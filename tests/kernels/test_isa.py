@@ -7,6 +7,7 @@ compiler's error, the warning, the marker that stops retries)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,8 @@ def test_sources_compile_for_each_x86_level(march, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not X86 or subprocess.run(["which", ARM_CXX], capture_output=True)
-                    .returncode != 0, reason=f"needs {ARM_CXX} on an x86-64 machine")
+@pytest.mark.skipif(not X86 or shutil.which(ARM_CXX) is None,
+                    reason=f"needs {ARM_CXX} on an x86-64 machine")
 def test_sources_cross_compile_for_aarch64(tmp_path):
     _compile_sources(ARM_CXX, "armv8-a", tmp_path)
 
