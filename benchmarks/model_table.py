@@ -54,7 +54,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cenet
-from cenet.kernels import kernels_available
 from cenet.layers import ChannelEquilibrium
 
 #: the CE paper's GFLOPs (Table 1: ResNets; Table 2: MobileNetV2 1×, ShuffleNetV2 0.5×/1×)
@@ -85,7 +84,6 @@ def count_macs(model: nn.Module, size: int) -> tuple[int, dict[str, dict]]:
     """Multiply-adds of one eval forward of a 1×3×size×size image, and FlopCounterMode's
     per-module FLOP counts (keys ``<RootClass>.<module name>``)."""
     model.eval()
-    kernels_available()  # FlopCounterMode sees the kernels' FLOP formulas only once loaded
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, size, size))
     return counter.get_total_flops() // 2, counter.get_flop_counts()

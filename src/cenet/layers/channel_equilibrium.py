@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cenet import kernels
+from cenet.kernels import operators
 from cenet.layers import functional as CF
 from cenet.layers._running import check_finite
 from cenet.layers._validate import check_input
@@ -153,11 +154,9 @@ class ChannelEquilibrium(nn.Module):
             )
 
     def _native(self, x: Tensor) -> Tensor:
-        from cenet.kernels import operators as ops
-
         ir = self.ir
         if self.training:
-            step = ops.ce_train(
+            step = operators.ce_train(
                 x, self.theta, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight,
                 group_size=self.bd.group_size, num_iters=self.bd.num_iters, eps_bd=self.bd.eps,
                 eps_ir=ir.eps, ln_eps=ir.norm.eps,
@@ -166,7 +165,7 @@ class ChannelEquilibrium(nn.Module):
             return step.output
         lam = self.lam.to(x.dtype)
         wm = None if self.bd is None else lam * self.bd.running_wm
-        return ops.ce_eval(x, wm, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight,
+        return operators.ce_eval(x, wm, ir.fc1.weight, ir.norm.weight, ir.norm.bias, ir.fc2.weight,
                            (1 - lam) * ir.running_inv_std, group_size=self._group_size(),
                            ln_eps=ir.norm.eps)
 
