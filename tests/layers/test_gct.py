@@ -1,4 +1,4 @@
-"""Gated Channel Transformation (GCT paper, Eqns 1-5; SPEC §3)."""
+"""Gated Channel Transformation (GCT paper, Eqns 1-5)."""
 
 import math
 

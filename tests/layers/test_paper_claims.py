@@ -1,4 +1,4 @@
-"""Remark 1 and Proposition 1 of the CE paper, checked numerically (SPEC §1.4)."""
+"""Remark 1 and Proposition 1 of the CE paper, checked numerically (paper Sec. 2 and 3.3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Squeeze-and-Excitation (SPEC §3): hand computation, layouts, arguments, registry."""
+"""Squeeze-and-Excitation (Hu et al. 2018): hand computation, layouts, arguments, registry."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""IterNorm and DBN whitening normalizations (SPEC §3)."""
+"""IterNorm and DBN whitening normalizations (baselines of the CE paper, Table 3)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""``cenet analyze``: measurements, figures and a report of one trained run (SPEC §4)."""
+"""``cenet analyze``: measurements, figures and a report of one trained run (CE paper
+Sec. 5.2, appendix F)."""
 
 from __future__ import annotations
 

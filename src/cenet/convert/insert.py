@@ -256,7 +256,7 @@ def convert_ce(
     whose forward is ``act(drop(norm(x)))``) stays in place and its ``act`` becomes
     ``CEAct(ce, act)``, so CE again comes before the rectifier. The paper's ResNet-50
     (CE after the last BN of each residual branch outside stage 4, and a CE with group 64 and
-    2×2 pooled statistics after the stem BN; SPEC §2) from torchvision's::
+    2×2 pooled statistics after the stem BN; CE paper appendix G) from torchvision's::
 
         model = torchvision.models.resnet50()
         convert_ce(model, after=["layer1.*.bn3", "layer2.*.bn3", "layer3.*.bn3"])

@@ -1,5 +1,5 @@
 """Gated Channel Transformation (GCT), a baseline channel block (Yang et al., CVPR 2020;
-the GCT paper, Eqns 1-5; SPEC §3)."""
+the GCT paper, Eqns 1-5)."""
 
 from __future__ import annotations
 

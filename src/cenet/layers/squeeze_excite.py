@@ -1,4 +1,5 @@
-"""Squeeze-and-Excitation (SE), a baseline channel block (Hu et al., CVPR 2018; SPEC §3)."""
+"""Squeeze-and-Excitation (SE), a baseline channel block (Hu et al., CVPR 2018; CE paper
+Table 1)."""
 
 from __future__ import annotations
 

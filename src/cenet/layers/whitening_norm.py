@@ -1,4 +1,4 @@
-"""Whitening normalization layers, baselines used in place of BN (SPEC §3).
+"""Whitening normalization layers, baselines used in place of BN (CE paper, Table 3).
 
 - :class:`IterNorm` (Huang et al., "Iterative Normalization: Beyond Standardization towards
   Efficient Whitening", CVPR 2019): Newton iterations on the trace-normalized covariance,
@@ -152,7 +152,7 @@ class _GroupWhiteningNorm(nn.Module):
 
 class IterNorm(_GroupWhiteningNorm):
     """Iterative normalization x̂ = Σ^{-1/2} (x − μ) by Newton iterations (Huang et al. 2019,
-    Algorithm 1, Eqns 6-8; SPEC §3).
+    Algorithm 1, Eqns 6-8).
 
     In training, per group of ``group_size`` consecutive channels: the batch mean μ and
     covariance Σ = (1/M) Σ (x − μ)(x − μ)ᵀ + εI over the M = N·H·W positions; Σ_N = Σ / tr Σ;
@@ -234,7 +234,7 @@ class IterNorm(_GroupWhiteningNorm):
 
 class DecorrelatedBatchNorm(_GroupWhiteningNorm):
     """Decorrelated batch normalization (DBN): ZCA whitening x̂ = Σ^{-1/2} (x − μ)
-    (Huang et al. 2018, Eqns 4-6 and Algorithm 1; SPEC §3).
+    (Huang et al. 2018, Eqns 4-6 and Algorithm 1).
 
     In training, per group of ``group_size`` consecutive channels: the batch mean μ and
     covariance Σ over the M = N·H·W positions, its eigendecomposition Σ = U diag(λ) Uᵀ
@@ -251,7 +251,7 @@ class DecorrelatedBatchNorm(_GroupWhiteningNorm):
 
     Args:
         num_features: C, channels of the (N, C, H, W) input.
-        group_size: g, channels per group (paper/SPEC: 16); must divide C.
+        group_size: g, channels per group (paper: 16); must divide C.
         eps: ε added to the eigenvalues.
         momentum: m of the running estimates, in (0, 1].
         affine: learn the per-channel ``weight`` and ``bias`` (C,).
