@@ -63,10 +63,17 @@ def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time_ms(fn, number: int) -> float:
+    _sync()
     start = time.perf_counter()
     for _ in range(number):
         fn()
+    _sync()
     return (time.perf_counter() - start) / number * 1e3
 
 
@@ -79,7 +86,7 @@ def time_blocks(
     Interleaving the blocks within each round, rather than timing one block after the other,
     keeps slow phases of a shared machine from landing on one block only.
     """
-    grad = torch.randn(x.shape)
+    grad = torch.randn(x.shape, device=x.device)
     xe = x.detach()
 
     def train_step(block):
@@ -119,6 +126,8 @@ def main() -> None:
                                                            "avx512"),
                         help="CE implementation to time (repeatable; default: the one this "
                              "machine uses)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda (on a GPU the CE block runs the reference)")
     parser.add_argument("--compile", action="store_true",
                         help="also time every block under torch.compile")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
@@ -132,7 +141,9 @@ def main() -> None:
         native = None if isa == "reference" else isa
         for compiled in (False, True) if args.compile else (False,):
             with kernels.use_isa(native):
-                print(f"\n{info['cpu']} (capability {info['cpu_capability']}), torch "
+                device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                          else f"{info['cpu']} (capability {info['cpu_capability']})")
+                print(f"\n{device}, torch "
                       f"{torch.__version__}, {args.threads} threads, "
                       f"{'fresh' if args.fresh_memory else 'reused'} memory, CE: {isa}"
                       f"{', torch.compile' if compiled else ', eager'}, median of "
@@ -147,8 +158,8 @@ def run(args: argparse.Namespace, compiled: bool) -> None:
     print(f"{'shape':>20} {'block':>12} {'train ms':>9} {'x':>5} {'paired':>6} {'eval ms':>8} "
           f"{'x':>5} {'paired':>6} {'saved MiB':>9} {'x':>5}")
     for shape in [tuple(s) for s in args.shape] if args.shape else SHAPES:
-        x = torch.randn(*shape, requires_grad=True)
-        blocks_ = blocks(shape[1])
+        x = torch.randn(*shape, device=args.device, requires_grad=True)
+        blocks_ = {name: b.to(args.device) for name, b in blocks(shape[1]).items()}
         if compiled:
             blocks_ = {name: torch.compile(block) for name, block in blocks_.items()}
         times = time_blocks(blocks_, x, args.rounds, args.min_run_time)
