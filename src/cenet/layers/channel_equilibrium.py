@@ -112,10 +112,15 @@ class ChannelEquilibrium(nn.Module):
         """λ = sigmoid(θ) as a (1,) tensor (1 in ``"bd"`` mode, 0 in ``"ir"`` mode)."""
         if self.mode == "ce":
             return torch.sigmoid(self.theta)
-        return torch.full((1,), float(self.mode == "bd"))
+        ref = self._reference_tensor()
+        return torch.full((1,), float(self.mode == "bd"), dtype=ref.dtype, device=ref.device)
+
+    def _reference_tensor(self) -> Tensor:
+        """A tensor whose dtype and device are the module's."""
+        return self.bd.running_wm if self.bd is not None else self.ir.fc1.weight
 
     def _param_dtype(self) -> torch.dtype:
-        return (self.bd.running_wm if self.bd is not None else self.ir.fc1.weight).dtype
+        return self._reference_tensor().dtype
 
     def uses_native(self, x: Tensor) -> bool:
         """The dispatch: True if the native CPU operator computes this block on ``x``.
