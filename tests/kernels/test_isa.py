@@ -174,8 +174,8 @@ def run_isa(isa, x, p, g, grad, scale, wm_eval):
     evals = []
     for wm in (wm_eval, x.new_empty(0)):
         res = torch.empty_like(x)
-        ops.ce_eval(x.reshape(n, c, h * w), wm, p["fc1"].t().contiguous(), p["ln_w"], p["ln_b"],
-                    LN_EPS, p["fc2"].t().contiguous(), scale, g, res)
+        ops.ce_eval(x.reshape(n, c, h * w), wm, p["fc1"], p["ln_w"], p["ln_b"], LN_EPS, p["fc2"],
+                    scale, g, res)
         evals.append(res)
     return {"y": y, "wm": saved[3], "inv_std": saved[4], "finite": saved[5], "grads": list(grads),
             "eval": evals[0], "eval_ir": evals[1]}
@@ -240,8 +240,8 @@ def test_ce_eval_takes_the_scale_as_a_one_element_tensor(default_env):
     ops = kernels.ops()
     x, p = make_inputs((2, 16, 3, 3, 8), torch.float32)
     out = torch.empty_like(x)
-    args = (x.reshape(2, 16, 9), x.new_empty(0), p["fc1"].t().contiguous(), p["ln_w"],
-            p["ln_b"], LN_EPS, p["fc2"].t().contiguous())
+    args = (x.reshape(2, 16, 9), x.new_empty(0), p["fc1"], p["ln_w"], p["ln_b"], LN_EPS,
+            p["fc2"])
     with pytest.raises(RuntimeError, match="one-element scale"):
         ops.ce_eval(*args, torch.ones(2), 8, out)
     with pytest.raises((RuntimeError, TypeError)):

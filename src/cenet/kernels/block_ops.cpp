@@ -15,9 +15,11 @@
 //   group_gram(X, Y, G, with_diag, symmetric, with_sums) -> (sum_{b mod G = j} X_b Y_b^T
 //       (G,g,g), per-batch diagonals (B,g) or empty, per-batch row sums (B,g) or empty);
 //       symmetric: X is Y, half the tiles; row sums only then (the moments in one pass)
-//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1t, ln_w, ln_b, ln_eps, fc2t, scale (1), g, out):
-//       the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR weights d_n computed
-//       from X_n on the way (variances, gate MLP), a few samples per task
+//   ce_eval(X (N,C,M), W (G,g,g) or empty, fc1 (Hd,C), ln_w, ln_b, ln_eps, fc2 (C,Hd),
+//       scale (1), g, out): the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR
+//       weights d_n computed from X_n on the way (variances, the gate of ir_gate in
+//       cenet_kernels.h), a few samples per task
+//   linear_rows(A (S,K), W (R,K), out (S,R)): out = A W^T, the gate's layers (dot products)
 //
 // Products whose output is half the last-level cache or more (at least 12 MiB) write it with
 // non-temporal stores (staged; stream_threshold(bytes) -> previous value reads or sets the
@@ -187,56 +189,15 @@ inline void matmul_tail(const T* a, const Rows<T>& src, const T* bias, const Out
   }
 }
 
-// Cache lines of columns [p0, p1) of a (rows, m) block of X and of the output, to fetch ahead
-// a part at a time: the feature rows of a group are short (H*W positions) and read as g
-// interleaved streams, which the hardware prefetchers follow poorly, so the block of the next
-// task is requested while this one computes (about 1.5x faster from DRAM at M = 196).
-// NOTE: GCC 12 deletes the loop of part() as side-effect free (a loop of __builtin_prefetch
-// only), so none of these prefetches is emitted, with any -march (nor were they with
-// -march=native before). Kept live (an empty asm volatile in the loop), they made ce_step,
-// its backward and ce_eval 5-30 % slower on a 2-vCPU AVX-512 Xeon VM; left as they are.
-struct Prefetch {
-  const char* x = nullptr;
-  const char* x2 = nullptr;  // the second source of a paired product, at the same offsets
-  char* out = nullptr;
-  int64_t row_bytes = 0, row_lines = 1, lines = 0;
-
-  Prefetch() = default;
-  template <typename T>
-  Prefetch(const T* xb, T* ob, int64_t rows, int64_t m, int64_t p0, int64_t p1)
-      : x(reinterpret_cast<const char*>(xb + p0)),
-        out(ob ? reinterpret_cast<char*>(ob + p0) : nullptr),
-        row_bytes(m * sizeof(T)) {
-    if (p0 == 0 && p1 == m) {  // whole rows: one contiguous region
-      row_lines = (rows * m * int64_t(sizeof(T)) + 63) / 64;
-      lines = row_lines;
-    } else {
-      row_lines = ((p1 - p0) * int64_t(sizeof(T)) + 63) / 64;
-      lines = rows * row_lines;
-    }
-  }
-
-  void part(int64_t i, int64_t parts) const {
-    for (int64_t l = i * lines / parts, e = (i + 1) * lines / parts; l < e; ++l) {
-      const int64_t off = (l / row_lines) * row_bytes + (l % row_lines) * 64;
-      __builtin_prefetch(x + off, 0, 2);
-      if (x2) __builtin_prefetch(x2 + off, 0, 2);
-      if (out) __builtin_prefetch(out + off, 1, 2);
-    }
-  }
-};
-
 // out[:, p_begin:p_end] = A (r_dim x k_dim) times the rows, plus bias, for one batch.
 // ACC: add to out rather than overwrite it.
 template <typename T, bool ACC = false>
 void matmul_range(const T* a, const Rows<T>& src, const T* bias, const Out<T>& out, int64_t r_dim,
-                  int64_t k_dim, int64_t p_begin, int64_t p_end, const Prefetch& pf = {}) {
+                  int64_t k_dim, int64_t p_begin, int64_t p_end) {
   constexpr int L = Vec<T>::kLanes;
   const int64_t steps = (p_end - p_begin) / (2 * L);
-  if (steps == 0) pf.part(0, 1);
   int64_t p = p_begin;
   for (int64_t s = 0; s < steps; ++s, p += 2 * L) {
-    pf.part(s, steps);
     if (r_dim == 16 && k_dim == 16 && src.split == 16) {  // the default group size, unrolled
       matmul_tile<T, 8, 16, 16, ACC>(a, src, bias, out, 0, k_dim, p);
       matmul_tile<T, 8, 16, 16, ACC>(a, src, bias, out, 8, k_dim, p);
@@ -362,21 +323,20 @@ inline void stream_fence() {
 }
 
 // Computes rows x [p0, p1) of a block whose rows start M elements apart at out, through
-// compute(Out, q0, q1, Prefetch) for column ranges [q0, q1); the first range gets pf (what to
-// fetch ahead while it computes), later ones nothing. With stream, each range is computed into
+// compute(Out, q0, q1) for column ranges [q0, q1). With stream, each range is computed into
 // a buffer that stays in L1 and then written to out with non-temporal stores (whole rows at
 // once when they fit: the block is one contiguous region).
 template <typename T, typename F>
 inline void staged(T* out, int64_t rows, int64_t m, int64_t p0, int64_t p1, bool stream,
-                   const Prefetch& pf, F&& compute) {
+                   F&& compute) {
   if (!stream) {
-    compute(Out<T>{out, m, 0}, p0, p1, pf);
+    compute(Out<T>{out, m, 0}, p0, p1);
     return;
   }
   constexpr int64_t kStage = 32768 / sizeof(T);
   alignas(64) T buf[kStage];
   if (p0 == 0 && p1 == m && rows * m <= kStage) {
-    compute(Out<T>{buf, m, 0}, 0, m, pf);
+    compute(Out<T>{buf, m, 0}, 0, m);
     stream_copy<T>(out, buf, rows * m);
     return;
   }
@@ -384,7 +344,7 @@ inline void staged(T* out, int64_t rows, int64_t m, int64_t p0, int64_t p1, bool
   const int64_t width = std::max<int64_t>(step, kStage / rows / step * step);
   for (int64_t q = p0; q < p1; q += width) {
     const int64_t q1 = std::min(p1, q + width);
-    compute(Out<T>{buf, width, q}, q, q1, q == p0 ? pf : Prefetch());
+    compute(Out<T>{buf, width, q}, q, q1);
     for (int64_t r = 0; r < rows; ++r) stream_copy<T>(out + r * m + q, buf + r * width, q1 - q);
   }
 }
@@ -398,18 +358,6 @@ inline void build_group_matrix(T* a, int64_t lda, const T* w, bool transpose, co
       a[r * lda + k] = w ? (transpose ? w[k * g + r] : w[r * g + k]) : T(0);
   if (d)
     for (int64_t r = 0; r < g; ++r) a[r * lda + r] += d[r];
-}
-
-// What task t + 1 of a (block, chunk of kChunk positions) task list reads and writes, to fetch
-// ahead while task t computes; nothing after a thread's last task. out null: the reads only
-// (streamed outputs bypass the caches).
-template <typename T>
-inline Prefetch next_task(const T* x, T* out, int64_t g, int64_t m, int64_t chunks, int64_t t,
-                          int64_t end) {
-  if (t + 1 >= end) return {};
-  const int64_t nb = (t + 1) / chunks, nc = (t + 1) % chunks;
-  return Prefetch(x + nb * g * m, out ? out + nb * g * m : nullptr, g, m, nc * kChunk,
-                  std::min(m, (nc + 1) * kChunk));
 }
 
 void check_group_args(const at::Tensor& w, const at::Tensor& x, const char* name) {
@@ -465,10 +413,9 @@ void group_apply(const at::Tensor& w, const at::Tensor& x, const at::Tensor& dia
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
         const Rows<scalar_t> src{xp + bi * g * m, xp + bi * g * m, g, m};
         staged<scalar_t>(op + bi * g * m, g, m, p0, p1, stream,
-                         next_task(xp, stream ? nullptr : op, g, m, chunks, t, end),
-                         [&](const Out<scalar_t>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
+                         [&](const Out<scalar_t>& o, int64_t q0, int64_t q1) {
                            matmul_range<scalar_t>(a, src, bp ? bp + bi * g : nullptr, o, g, g, q0,
-                                                  q1, pf);
+                                                  q1);
                          });
       }
       if (stream) stream_fence();
@@ -551,22 +498,18 @@ void group_apply_pair(const at::Tensor& w1, const at::Tensor& x1, const at::Tens
           built = bi;
         }
         const int64_t p0 = c * kChunk, p1 = std::min(m, p0 + kChunk);
-        Prefetch ahead = next_task(x1p, stream ? nullptr : op, g, m, chunks, t, end);
-        if (ahead.x)  // the same offset in the second map
-          ahead.x2 =
-              reinterpret_cast<const char*>(x2p) + (ahead.x - reinterpret_cast<const char*>(x1p));
         const T* bb = bp ? bp + bi * g : nullptr;
         const T *xa = x1p + bi * g * m, *xb = x2p + bi * g * m;
-        staged<T>(op + bi * g * m, g, m, p0, p1, stream, ahead,
-                  [&](const Out<T>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
+        staged<T>(op + bi * g * m, g, m, p0, p1, stream,
+                  [&](const Out<T>& o, int64_t q0, int64_t q1) {
                     if (!has_w2) {
-                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1, pf);
+                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1);
                       if (d2p) add_scaled_rows<T>(d2p + bi * g, xb, o, g, m, q0, q1);
                     } else if (two_pass) {
-                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1, pf);
+                      matmul_range<T>(a1, Rows<T>{xa, xa, g, m}, bb, o, g, g, q0, q1);
                       matmul_range<T, true>(a2, Rows<T>{xb, xb, g, m}, nullptr, o, g, g, q0, q1);
                     } else {
-                      matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, o, g, 2 * g, q0, q1, pf);
+                      matmul_range<T>(a, Rows<T>{xa, xb, g, m}, bb, o, g, 2 * g, q0, q1);
                     }
                   });
       }
@@ -881,8 +824,87 @@ inline Vec<float>::type exp_lanes(Vec<float>::type x) {
   return y * pow2n;
 }
 
-// d[i] = scale * sigmoid(d[i]) = scale / (1 + exp(-d[i])), i < n; float lanes through
-// exp_lanes, doubles (and the tail) through std::exp.
+// out[s0+s][r0+r] = A_{s0+s} . W_{r0+r} for an RT x ST tile (rows of W x samples), the
+// K-long dot products as vectors of partial sums; the last window of a row that is not a
+// whole vector overlaps the previous one, its lanes already summed masked off in A's vector
+// (rows shorter than a vector: zero-padded partial vectors).
+template <typename T, int RT, int ST>
+inline void linear_tile(const T* a, const T* w, int64_t k_dim, int64_t r_dim, int64_t s0,
+                        int64_t r0, T* out) {
+  using V = typename Vec<T>::type;
+  using Mask = typename Vec<T>::mask;
+  constexpr int L = Vec<T>::kLanes;
+  V acc[ST * RT];
+  for (int i = 0; i < ST * RT; ++i) acc[i] = V{};
+  const T* as = a + s0 * k_dim;
+  const T* wr = w + r0 * k_dim;
+  int64_t k = 0;
+  for (; k + L <= k_dim; k += L) {
+    V av[ST], wv[RT];
+    for (int s = 0; s < ST; ++s) av[s] = load<T>(as + s * k_dim + k);
+    for (int r = 0; r < RT; ++r) wv[r] = load<T>(wr + r * k_dim + k);
+    for (int s = 0; s < ST; ++s)
+      for (int r = 0; r < RT; ++r) acc[s * RT + r] += av[s] * wv[r];
+  }
+  if (k < k_dim) {
+    V av[ST], wv[RT];
+    if (k_dim >= L) {
+      const Mask tail = last_lanes<T>(k_dim - k);
+      for (int s = 0; s < ST; ++s)
+        av[s] = (V)((Mask)load<T>(as + s * k_dim + k_dim - L) & tail);
+      for (int r = 0; r < RT; ++r) wv[r] = load<T>(wr + r * k_dim + k_dim - L);
+    } else {
+      for (int s = 0; s < ST; ++s) av[s] = load_partial<T>(as + s * k_dim, k_dim);
+      for (int r = 0; r < RT; ++r) wv[r] = load_partial<T>(wr + r * k_dim, k_dim);
+    }
+    for (int s = 0; s < ST; ++s)
+      for (int r = 0; r < RT; ++r) acc[s * RT + r] += av[s] * wv[r];
+  }
+  if constexpr (ST * RT == L) {  // the L sums of the tile in one vector, sample by sample
+    const V sums = hsum_rows<T>(acc);
+    for (int s = 0; s < ST; ++s)
+      for (int r = 0; r < RT; ++r) out[(s0 + s) * r_dim + r0 + r] = sums[s * RT + r];
+  } else {
+    for (int s = 0; s < ST; ++s)
+      for (int r = 0; r < RT; ++r) out[(s0 + s) * r_dim + r0 + r] = hsum_tree<T>(acc[s * RT + r]);
+  }
+}
+
+// Register tile of linear_rows: kLinearRT rows of W times kLinearST samples, one vector of
+// accumulators each, kLanes in all (AVX-512 float: 4 x 4, 16 of the 32 registers and 8 loads;
+// AVX2 float: 4 x 2 of 16).
+template <typename T>
+constexpr int kLinearRT = Vec<T>::kLanes >= 8 ? 4 : 2;
+template <typename T>
+constexpr int kLinearST = Vec<T>::kLanes / kLinearRT<T> > 0 ? Vec<T>::kLanes / kLinearRT<T> : 1;
+
+}  // namespace
+
+template <typename T>
+void linear_rows(const T* a, int64_t samples, int64_t k_dim, const T* w, int64_t r_dim, T* out) {
+  constexpr int RT = kLinearRT<T>, ST = kLinearST<T>;
+  // Blocks of RT rows of W outermost (they stay in L1 while every sample passes): W, the
+  // larger operand, is read once; the samples' rows come from L1 or L2.
+  const int64_t row_blocks = (r_dim + RT - 1) / RT;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, samples * k_dim * RT));
+  at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin; rb < end; ++rb) {
+      const int64_t r0 = rb * RT;
+      int64_t s = 0;
+      if (r0 + RT <= r_dim) {
+        for (; s + ST <= samples; s += ST) linear_tile<T, RT, ST>(a, w, k_dim, r_dim, s, r0, out);
+        for (; s < samples; ++s) linear_tile<T, RT, 1>(a, w, k_dim, r_dim, s, r0, out);
+      } else {
+        for (int64_t r = r0; r < r_dim; ++r) {
+          for (s = 0; s + ST <= samples; s += ST)
+            linear_tile<T, 1, ST>(a, w, k_dim, r_dim, s, r, out);
+          for (; s < samples; ++s) linear_tile<T, 1, 1>(a, w, k_dim, r_dim, s, r, out);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void scaled_sigmoid(T* d, int64_t n, T scale) {
   int64_t i = 0;
@@ -894,80 +916,47 @@ void scaled_sigmoid(T* d, int64_t n, T scale) {
   for (; i < n; ++i) d[i] = scale / (T(1) + std::exp(-d[i]));
 }
 
-// out (S,N) = A (S,K) F (K,N), both row-major, for the S samples of a gate layer. With 8
-// samples or more, the tiles of matmul_range (8 samples' rows at a time, F read once for them
-// in column strips); with fewer, F's rows scaled and added in order (one contiguous pass over
-// F, which can outgrow L2, rows with a zero factor, the ReLU's zeros, skipped).
-template <typename T>
-void gate_layer(const T* a, int64_t samples, int64_t k_dim, const T* f, int64_t n, T* out) {
-  if (samples >= 8) {
-    matmul_range<T>(a, Rows<T>{f, f, k_dim, n}, nullptr, Out<T>{out, n, 0}, samples, k_dim, 0, n);
-    return;
-  }
-  std::fill(out, out + samples * n, T(0));
-  for (int64_t j = 0; j < k_dim; ++j)
-    for (int64_t s = 0; s < samples; ++s)
-      if (a[s * k_dim + j] != T(0))
-        add_scaled_rows<T>(a + s * k_dim + j, f + j * n, Out<T>{out + s * n, n, 0}, 1, n, 0, n);
-}
-
-// The IR gates of S samples (CE paper, Eqns 8, 21): h_s = ReLU(LN(fc1 var_s)) (Hd), then
-// d_s = scale * sigmoid(fc2 h_s) (C); var, d (S,C), hid (S,Hd). Both layers are given
-// transposed, fc1t (C,Hd) and fc2t (Hd,C): each is then a product of the samples' rows with
-// the layer's rows (gate_layer).
-template <typename T>
-void ir_gates(const T* var, int64_t samples, int64_t c_dim, const T* fc1t, const T* ln_w,
-              const T* ln_b, T ln_eps, const T* fc2t, int64_t hd, T scale, T* hid, T* d) {
-  gate_layer<T>(var, samples, c_dim, fc1t, hd, hid);
-  for (int64_t s = 0; s < samples; ++s) {
-    T* h = hid + s * hd;
-    T mu = 0, v = 0;
-    for (int64_t j = 0; j < hd; ++j) mu += h[j];
-    mu /= hd;
-    for (int64_t j = 0; j < hd; ++j) v += (h[j] - mu) * (h[j] - mu);
-    const T rstd = T(1) / std::sqrt(v / hd + ln_eps);
-    for (int64_t j = 0; j < hd; ++j) h[j] = std::max((h[j] - mu) * rstd * ln_w[j] + ln_b[j], T(0));
-  }
-  gate_layer<T>(hid, samples, hd, fc2t, c_dim, d);
-  scaled_sigmoid<T>(d, samples * c_dim, scale);
-}
-
-}  // namespace
+template void linear_rows<float>(const float*, int64_t, int64_t, const float*, int64_t, float*);
+template void linear_rows<double>(const double*, int64_t, int64_t, const double*, int64_t,
+                                  double*);
+template void scaled_sigmoid<float>(float*, int64_t, float);
+template void scaled_sigmoid<double>(double*, int64_t, double);
 
 // Eval-mode CE block on X (N,C,M): out_n = (W + Diag(d_n)) X_n, d_n the IR weights of sample n
 // and W (G,g,g) the block-diagonal BD matrix, or none (IR only). With at least 4 samples per
 // thread, each thread takes whole samples: the variance pass brings a sample into cache and
 // the product reads it from there. Otherwise all weights first, then the product split over
-// positions as in group_apply. scale: a one-element tensor (the factor of the IR weights, read
-// here so that the caller never synchronizes on it).
-void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
-             const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2t,
+// positions as in group_apply. fc1 (Hd,C) and fc2 (C,Hd) as nn.Linear stores them. scale: a
+// one-element tensor (the factor of the IR weights, read here so that the caller never
+// synchronizes on it).
+void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
+             const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps, const at::Tensor& fc2,
              const at::Tensor& scale_t, int64_t group_size, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3, "ce_eval: expected X (N,C,M), got ", x.sizes());
   TORCH_CHECK(scale_t.numel() == 1, "ce_eval: expected a one-element scale, got ",
               scale_t.sizes());
   const double scale = scale_t.item<double>();
   const int64_t n_dim = x.size(0), c_dim = x.size(1), m = x.size(2), g = group_size;
-  TORCH_CHECK(fc1t.dim() == 2, "ce_eval: expected fc1 transposed (C,Hd), got ", fc1t.sizes());
-  const int64_t hd = fc1t.size(1);
+  TORCH_CHECK(fc1.dim() == 2, "ce_eval: expected fc1 (Hd,C), got ", fc1.sizes());
+  const int64_t hd = fc1.size(0);
   const bool has_w = w.numel() > 0;
   TORCH_CHECK(g > 0 && g <= kMaxGroup && c_dim % g == 0, "ce_eval: group size ", g,
               " must divide C = ", c_dim, " and be at most ", kMaxGroup);
   TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
                          w.size(2) == g),
               "ce_eval: expected W (C/g, g, g), got ", w.sizes());
-  TORCH_CHECK(fc1t.size(0) == c_dim && fc2t.dim() == 2 && fc2t.size(1) == c_dim &&
-                  fc2t.size(0) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
-              "ce_eval: expected fc1 transposed (C,Hd), fc2 transposed (Hd,C), LayerNorm weights "
-              "(Hd), got ", fc1t.sizes(), ", ", fc2t.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1t, &ln_w, &ln_b,
-                                                                       &fc2t, &out})
+  TORCH_CHECK(fc1.size(1) == c_dim && fc2.dim() == 2 && fc2.size(0) == c_dim &&
+                  fc2.size(1) == hd && ln_w.numel() == hd && ln_b.numel() == hd,
+              "ce_eval: expected fc1 (Hd,C), fc2 (C,Hd), LayerNorm weights (Hd), got ",
+              fc1.sizes(), ", ", fc2.sizes(), ", ", ln_w.sizes(), ", ", ln_b.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1, &ln_w, &ln_b,
+                                                                       &fc2, &out})
     TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "ce_eval: dtypes differ");
   TORCH_CHECK(out.is_contiguous() && out.numel() == x.numel(),
               "ce_eval: out must be contiguous with X's number of elements");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  auto f1t = fc1t.contiguous(), f2t = fc2t.contiguous();
+  auto f1 = fc1.contiguous(), f2 = fc2.contiguous();  // (no copies for nn.Linear's weights)
   auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
   const int64_t groups = c_dim / g;
   const bool stream = stream_output(out.numel() * out.element_size());
@@ -977,24 +966,17 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
     const T* wp = has_w ? wc.data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
     auto gates = [&](const T* var, int64_t samples, T* hid, T* d) {
-      ir_gates<T>(var, samples, c_dim, f1t.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
-                  T(ln_eps), f2t.data_ptr<T>(), hd, T(scale), hid, d);
+      ir_gate<T>(var, samples, c_dim, f1.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
+                 T(ln_eps), f2.data_ptr<T>(), hd, T(scale), hid, d);
     };
-    // One group of one sample, positions [p0, p1), fetching ahead what pf names.
-    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1,
-                       const Prefetch& ahead_pf) {
+    // One group of one sample, positions [p0, p1).
+    auto product = [&](int64_t n, int64_t j, const T* d, int64_t p0, int64_t p1) {
       T a[kMaxGroup * kMaxGroup];
       build_group_matrix<T>(a, g, wp ? wp + j * g * g : nullptr, false, d + j * g, g);
       const int64_t off = (n * c_dim + j * g) * m;
-      staged<T>(op + off, g, m, p0, p1, stream, ahead_pf,
-                [&](const Out<T>& o, int64_t q0, int64_t q1, const Prefetch& pf) {
-                  matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, o, g, g, q0, q1,
-                                  pf);
-                });
-    };
-    auto ahead = [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
-      const int64_t off = (n * c_dim + j * g) * m;
-      return Prefetch(xp + off, stream ? nullptr : op + off, g, m, p0, p1);
+      staged<T>(op + off, g, m, p0, p1, stream, [&](const Out<T>& o, int64_t q0, int64_t q1) {
+        matmul_range<T>(a, Rows<T>{xp + off, xp + off, g, m}, nullptr, o, g, g, q0, q1);
+      });
     };
     if (n_dim >= 4 * at::get_num_threads()) {
       // Samples a few at a time (the gate weights read once for them): as many as stay in a
@@ -1019,29 +1001,22 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
             row_variances<T>(xp + (n0 + s) * c_dim * m, c_dim, m, var + s * c_dim);
           gates(var, samples, hid, d);
           for (int64_t s = 0; s < samples; ++s)
-            for (int64_t j = 0; j < groups; ++j)
-              product(n0 + s, j, d + s * c_dim, 0, m,
-                      j + 1 < groups ? ahead(n0 + s, j + 1, 0, m) : Prefetch());
+            for (int64_t j = 0; j < groups; ++j) product(n0 + s, j, d + s * c_dim, 0, m);
         }
         if (stream) stream_fence();
       });
       return;
     }
-    std::vector<T> var(n_dim * c_dim), dall(n_dim * c_dim);
+    std::vector<T> var(n_dim * c_dim), dall(n_dim * c_dim), hid(n_dim * hd);
     at::parallel_for(0, n_dim * c_dim, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) row_variances<T>(xp + r * m, 1, m, var.data() + r);
     });
-    at::parallel_for(0, n_dim, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> hid((end - begin) * hd);
-      gates(var.data() + begin * c_dim, end - begin, hid.data(), dall.data() + begin * c_dim);
-    });
+    gates(var.data(), n_dim, hid.data(), dall.data());  // (split over W's rows)
     const int64_t chunks = (m + kChunk - 1) / kChunk;
     at::parallel_for(0, n_dim * groups * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t % chunks, j = (t / chunks) % groups, n = t / chunks / groups;
-        // (task t's block is (n * G + j): the layout of next_task's blocks)
-        product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk),
-                next_task(xp, stream ? nullptr : op, g, m, chunks, t, end));
+        product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk));
       }
       if (stream) stream_fence();
     });

@@ -1,6 +1,7 @@
 // The CE block's small graph in training (CE paper, Eqns 4-8, 21) and its hand-derived
-// backward, as two ops: the Newton iteration and the elementwise steps as loops, the gate's
-// four products through at::mm. The Python graph of the same computation is about 100 small
+// backward, as two ops: the Newton iteration and the elementwise steps as loops, the gate
+// through ir_gate (cenet_kernels.h, shared with eval), its backward's four products through
+// at::mm. The Python graph of the same computation is about 100 small
 // autograd nodes, whose dispatch costs more than their arithmetic at C = 256 (1.2 ms against
 // 0.25 ms per step, forward and backward).
 //
@@ -190,30 +191,17 @@ std::vector<Tensor> ce_operator(const Tensor& mean_bd, const Tensor& second,
     }
     inv_std = double(scalar_t(1) / std::sqrt(scalar_t(total / (n * c)) + scalar_t(eps_ir)));
   });
-  const Tensor h1 = at::mm(var, fc1.t());
-  const Tensor xhat = at::empty_like(h1), r = at::empty_like(h1);
-  const Tensor rstd = at::empty({n, 1}, h1.options());
-  AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "ce_operator", [&] {
+  // the gate (Eqns 8, 21; ir_gate, as in eval), keeping xhat and rstd for the backward
+  const Tensor xhat = at::empty({n, hd}, m_ir.options()), r = at::empty_like(xhat);
+  const Tensor rstd = at::empty({n, 1}, m_ir.options()), gate = at::empty_like(m_ir);
+  AT_DISPATCH_FLOATING_TYPES(m_ir.scalar_type(), "ce_operator", [&] {
     using T = scalar_t;
+    const Tensor f1 = fc1.contiguous(), f2 = fc2.contiguous();
     const Tensor w = ln_w.contiguous(), b = ln_b.contiguous();
-    const T *hp = h1.data_ptr<T>(), *wp = w.data_ptr<T>(), *bp = b.data_ptr<T>();
-    T *xp = xhat.data_ptr<T>(), *outp = r.data_ptr<T>(), *sp = rstd.data_ptr<T>();
-    for (int64_t i = 0; i < n; ++i) {  // LayerNorm over the Hd hidden features, then ReLU
-      const T* h = hp + i * hd;
-      T mu = 0, v = 0;
-      for (int64_t j = 0; j < hd; ++j) mu += h[j];
-      mu /= hd;
-      for (int64_t j = 0; j < hd; ++j) v += (h[j] - mu) * (h[j] - mu);
-      const T rs = T(1) / std::sqrt(v / hd + T(ln_eps));
-      sp[i] = rs;
-      for (int64_t j = 0; j < hd; ++j) {
-        const T xh = (h[j] - mu) * rs;
-        xp[i * hd + j] = xh;
-        outp[i * hd + j] = std::max(xh * wp[j] + bp[j], T(0));
-      }
-    }
+    ir_gate<T>(var.data_ptr<T>(), n, c, f1.data_ptr<T>(), w.data_ptr<T>(), b.data_ptr<T>(),
+               T(ln_eps), f2.data_ptr<T>(), hd, T(1), r.data_ptr<T>(), gate.data_ptr<T>(),
+               xhat.data_ptr<T>(), rstd.data_ptr<T>());
   });
-  const Tensor gate = at::mm(r, fc2.t()).sigmoid_();
   const Tensor d_mixed = gate * (inv_std * (1 - lam));
   finite = finite && std::isfinite(inv_std);
   const auto scalar = [&](double v) { return at::full({1}, v, sn.options()); };

@@ -96,7 +96,7 @@ CENET_TORCH_LIBRARY(CENET_NS, lib) {
       "ce_step_backward(Tensor grad, Tensor x, Tensor fc1, Tensor ln_w, Tensor fc2,"
       " Tensor[] saved) -> Tensor[]");
   lib.def(
-      "ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2t,"
+      "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
       " Tensor scale, int group_size, Tensor(a!) out) -> ()");
   lib.def("stream_threshold(int bytes) -> int", &CENET_NS::stream_threshold);
 }

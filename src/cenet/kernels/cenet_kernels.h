@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -61,11 +63,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_gram(const at::Tensor& x,
                                                           bool with_diag, bool symmetric,
                                                           bool with_sums);
 
-// The eval-mode CE block: out_n = (W + Diag(d_n)) X_n, X (N,C,M); scale a one-element tensor.
-void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1t,
+// The eval-mode CE block: out_n = (W + Diag(d_n)) X_n, X (N,C,M); fc1 (Hd,C), fc2 (C,Hd) as
+// nn.Linear stores them; scale a one-element tensor.
+void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
              const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps,
-             const at::Tensor& fc2t, const at::Tensor& scale, int64_t group_size,
+             const at::Tensor& fc2, const at::Tensor& scale, int64_t group_size,
              at::Tensor& out);
+
+// out (S,R) = A (S,K) W^T, W (R,K) row-major (nn.Linear's layout, F.linear without bias):
+// out[s][r] = A_s . W_r, dot products in register tiles of W's rows x samples, split over W's
+// rows across threads outside a parallel region (block_ops.cpp; float and double).
+template <typename T>
+void linear_rows(const T* a, int64_t samples, int64_t k_dim, const T* w, int64_t r_dim, T* out);
+
+// d[i] = scale * sigmoid(d[i]), i < n (float lanes through a vector exp, within 2 ulp).
+template <typename T>
+void scaled_sigmoid(T* d, int64_t n, T scale);
+
+// The IR gates of S samples (CE paper, Eqns 8, 21), from their channel variances var (S,C):
+//   hid_s = ReLU(LN(fc1 var_s)) (S,Hd),  d_s = scale * sigmoid(fc2 hid_s) (S,C),
+// fc1 (Hd,C), fc2 (C,Hd), LayerNorm over the Hd hidden features with weights ln_w, ln_b (Hd).
+// Eval (ce_eval) and training (ce_operator, scale 1) both compute it here; training also
+// keeps what its backward needs: xhat (S,Hd) the normalized features before the affine map,
+// rstd (S) the LayerNorm's 1/sqrt(variance + eps) (either null: not kept).
+template <typename T>
+inline void ir_gate(const T* var, int64_t samples, int64_t c_dim, const T* fc1, const T* ln_w,
+                    const T* ln_b, T ln_eps, const T* fc2, int64_t hd, T scale, T* hid, T* d,
+                    T* xhat = nullptr, T* rstd = nullptr) {
+  linear_rows<T>(var, samples, c_dim, fc1, hd, hid);
+  for (int64_t s = 0; s < samples; ++s) {
+    T* h = hid + s * hd;
+    T mu = 0, v = 0;
+    for (int64_t j = 0; j < hd; ++j) mu += h[j];
+    mu /= hd;
+    for (int64_t j = 0; j < hd; ++j) v += (h[j] - mu) * (h[j] - mu);
+    const T rs = T(1) / std::sqrt(v / hd + ln_eps);
+    if (rstd) rstd[s] = rs;
+    for (int64_t j = 0; j < hd; ++j) {
+      const T xh = (h[j] - mu) * rs;
+      if (xhat) xhat[s * hd + j] = xh;
+      h[j] = std::max(xh * ln_w[j] + ln_b[j], T(0));
+    }
+  }
+  linear_rows<T>(hid, samples, hd, fc2, c_dim, d);
+  scaled_sigmoid<T>(d, samples * c_dim, scale);
+}
 
 // The output size in bytes from which products are written with non-temporal stores;
 // bytes >= 0 sets it, bytes < 0 leaves it. Returns the previous value.

@@ -106,17 +106,17 @@ _ce_train_op.register_autograd(_train_backward, setup_context=_setup_train)
 
 
 @torch.library.custom_op("cenet::ce_eval", mutates_args=(), device_types="cpu")
-def _ce_eval_op(x: Tensor, wm: Tensor | None, fc1t: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                fc2t: Tensor, scale: Tensor, group_size: int, ln_eps: float) -> Tensor:
+def _ce_eval_op(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                fc2: Tensor, scale: Tensor, group_size: int, ln_eps: float) -> Tensor:
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    kernels.ops().ce_eval(x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1t,
-                          ln_weight, ln_bias, ln_eps, fc2t, scale, group_size, out)
+    kernels.ops().ce_eval(x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1,
+                          ln_weight, ln_bias, ln_eps, fc2, scale, group_size, out)
     return out
 
 
 @_ce_eval_op.register_fake
-def _(x, wm, fc1t, ln_weight, ln_bias, fc2t, scale, group_size, ln_eps):
+def _(x, wm, fc1, ln_weight, ln_bias, fc2, scale, group_size, ln_eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -167,8 +167,8 @@ def ce_eval(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln_bia
     Returns:
         (N, C, H, W) in ``x``'s layout.
     """
-    out = torch.ops.cenet.ce_eval(x.contiguous(), wm, fc1.t().contiguous(), ln_weight, ln_bias,
-                                  fc2.t().contiguous(), scale, group_size, ln_eps)
+    out = torch.ops.cenet.ce_eval(x.contiguous(), wm, fc1, ln_weight, ln_bias, fc2, scale,
+                                  group_size, ln_eps)
     return _to_layout(out, x)
 
 
@@ -196,6 +196,6 @@ def _(grad, x_shape, fc1_shape, ln_w, fc2, saved_shapes, *args, **kwargs) -> int
 
 
 @register_flop_formula(torch.ops.cenet.ce_eval)
-def _(x_shape, wm, fc1t_shape, ln_w, ln_b, fc2t, scale, group_size, *args, **kwargs) -> int:
+def _(x_shape, wm, fc1_shape, ln_w, ln_b, fc2, scale, group_size, *args, **kwargs) -> int:
     n, c, h, w = x_shape
-    return 2 * n * c * group_size * h * w + 2 * n * 2 * c * fc1t_shape[1]
+    return 2 * n * c * group_size * h * w + 2 * n * 2 * c * fc1_shape[0]
