@@ -118,8 +118,8 @@ def test_opcheck_of_the_three_ops(native_isa):
                            ir.norm.weight.detach(), ir.fc2.weight.detach(),
                            [s.detach() for s in saved]))
     with torch.no_grad():
-        eval_args = (x.detach(), native.bd.running_wm * 0.5, ir.fc1.weight.t().contiguous(),
-                     ir.norm.weight, ir.norm.bias, ir.fc2.weight.t().contiguous(),
+        eval_args = (x.detach(), native.bd.running_wm * 0.5, ir.fc1.weight,
+                     ir.norm.weight, ir.norm.bias, ir.fc2.weight,
                      torch.tensor([0.5]), 8, 1e-5)
         torch.library.opcheck(torch.ops.cenet.ce_eval.default, eval_args)
 

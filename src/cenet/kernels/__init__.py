@@ -20,8 +20,8 @@ Ops of a build (:func:`ops`; float32/float64 CPU tensors of one dtype, NCHW-cont
   ``"ce"``-mode training step (see ``ce_step.cpp``), returning Y and what its backward needs;
 - ``ce_step_backward(Tensor grad, Tensor x, Tensor fc1, Tensor ln_w, Tensor fc2,
   Tensor[] saved) -> Tensor[]``: dX, dθ, dfc1, dln_w, dln_b, dfc2;
-- ``ce_eval(Tensor x, Tensor w, Tensor fc1t, Tensor ln_w, Tensor ln_b, float ln_eps,
-  Tensor fc2t, Tensor scale, int group_size, Tensor(a!) out) -> ()``: the eval block;
+- ``ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps,
+  Tensor fc2, Tensor scale, int group_size, Tensor(a!) out) -> ()``: the eval block;
 - ``stream_threshold(int bytes) -> int`` (:func:`stream_threshold`).
 
 Environment: ``CENET_KERNELS=0`` turns the kernels off (nothing is built);
