@@ -193,3 +193,17 @@ def test_non_finite_batch_keeps_running_estimates_under_compile(native_isa):
     compiled(x)  # no exception inside the graph, but the buffers stay
     for k, v in ce.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_input_gradient_reaches_the_previous_layer_in_its_layout(native_isa):
+    """A channels-last map's gradient leaves the block channels-last (not only for a leaf,
+    whose .grad autograd re-strides): an NCHW gradient makes BN's backward several times
+    slower."""
+    ce = ChannelEquilibrium(32, group_size=8)
+    x = make_input((4, 32, 6, 5), torch.float32, "nhwc").requires_grad_()
+    seen = []
+    mid = x * 1.0
+    mid.register_hook(lambda g: seen.append(g))
+    ce(mid).sum().backward()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()

@@ -12,10 +12,11 @@ FLOP formula for ``torch.utils.flop_counter``:
 - ``cenet::ce_eval``: the eval block, p_n = (W + Diag(d_n)) x_n with d_n from x_n's
   variances, one pass per few samples (no autograd: call under ``torch.no_grad``).
 
-They run the kernels of the instruction set :func:`cenet.kernels.active_isa` names. The
-named wrappers :func:`ce_train` and :func:`ce_eval` take any layout (channels-last is copied
-to NCHW and the result back) and return typed results. The same maths in PyTorch is
-:mod:`cenet.layers.functional`, the reference these ops are tested against.
+They run the kernels of the instruction set :func:`cenet.kernels.active_isa` names, take
+NCHW or channels-last maps and return map outputs (also the input gradient) in the input's
+layout; the named wrappers :func:`ce_train` and :func:`ce_eval` return typed results. The
+same maths in PyTorch is :mod:`cenet.layers.functional`, the reference these ops are tested
+against.
 """
 
 from __future__ import annotations
@@ -52,12 +53,23 @@ class TrainStep(NamedTuple):
     finite: Tensor
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format of ``x`` (N, C, H, W): channels-last, or NCHW-contiguous. The ops take
+    both: the kernels read an NCHW copy of a channels-last map, and the ops return their map
+    outputs (the output, the input gradient) in the input's layout, so that the layers around
+    the block keep theirs."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.custom_op("cenet::ce_train", mutates_args=(), device_types="cpu")
 def _ce_train_op(x: Tensor, theta: Tensor, fc1: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                  fc2: Tensor, group_size: int, num_iters: int, eps_bd: float, eps_ir: float,
                  ln_eps: float) -> list[Tensor]:
-    out = list(kernels.ops().ce_step(x, group_size, theta, fc1, ln_weight, ln_bias, fc2,
-                                     eps_bd, eps_ir, ln_eps, num_iters))
+    out = list(kernels.ops().ce_step(x.contiguous(), group_size, theta, fc1, ln_weight, ln_bias,
+                                     fc2, eps_bd, eps_ir, ln_eps, num_iters))
+    out[0] = out[0].contiguous(memory_format=_layout(x))
     # outputs may not alias each other: W is the last Newton iterate, a view of P_1..P_T
     out[1 + _WM] = out[1 + _WM].clone()
     return out
@@ -74,18 +86,21 @@ def _(x, theta, fc1, ln_weight, ln_bias, fc2, group_size, num_iters, eps_bd, eps
               "gate": (n, c), "lam": (1,), "ps": (num_iters, *mat)}
     saved = [x.new_empty((), dtype=torch.bool) if k == "finite" else x.new_empty(shapes[k])
              for k in _SAVED_NAMES]
-    return [torch.empty_like(x, memory_format=torch.contiguous_format), *saved]
+    return [torch.empty_like(x, memory_format=_layout(x)), *saved]
 
 
 @torch.library.custom_op("cenet::ce_train_backward", mutates_args=(), device_types="cpu")
 def _ce_train_backward_op(grad: Tensor, x: Tensor, fc1: Tensor, ln_weight: Tensor, fc2: Tensor,
                           saved: list[Tensor]) -> list[Tensor]:
-    return list(kernels.ops().ce_step_backward(grad.contiguous(), x, fc1, ln_weight, fc2, saved))
+    out = list(kernels.ops().ce_step_backward(grad.contiguous(), x.contiguous(), fc1, ln_weight,
+                                              fc2, saved))
+    out[0] = out[0].contiguous(memory_format=_layout(x))
+    return out
 
 
 @_ce_train_backward_op.register_fake
 def _(grad, x, fc1, ln_weight, fc2, saved):
-    return [torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(1),
+    return [torch.empty_like(x, memory_format=_layout(x)), x.new_empty(1),
             torch.empty_like(fc1), torch.empty_like(ln_weight), torch.empty_like(ln_weight),
             torch.empty_like(fc2)]
 
@@ -110,21 +125,14 @@ def _ce_eval_op(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln
                 fc2: Tensor, scale: Tensor, group_size: int, ln_eps: float) -> Tensor:
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    kernels.ops().ce_eval(x.reshape(n, c, h * w), x.new_empty(0) if wm is None else wm, fc1,
-                          ln_weight, ln_bias, ln_eps, fc2, scale, group_size, out)
-    return out
+    kernels.ops().ce_eval(x.contiguous().view(n, c, h * w), x.new_empty(0) if wm is None else wm,
+                          fc1, ln_weight, ln_bias, ln_eps, fc2, scale, group_size, out)
+    return out.contiguous(memory_format=_layout(x))
 
 
 @_ce_eval_op.register_fake
 def _(x, wm, fc1, ln_weight, ln_bias, fc2, scale, group_size, ln_eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _to_layout(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (NCHW-contiguous) in the memory layout of ``like`` (NCHW or channels-last)."""
-    if like.is_contiguous():
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=_layout(x))
 
 
 def ce_train(x: Tensor, theta: Tensor, fc1: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -145,10 +153,10 @@ def ce_train(x: Tensor, theta: Tensor, fc1: Tensor, ln_weight: Tensor, ln_bias: 
     Raises:
         RuntimeError: if the kernels are not loaded, or for shapes and dtypes that do not fit.
     """
-    out = torch.ops.cenet.ce_train(x.contiguous(), theta, fc1, ln_weight, ln_bias, fc2,
-                                   group_size, num_iters, eps_bd, eps_ir, ln_eps)
+    out = torch.ops.cenet.ce_train(x, theta, fc1, ln_weight, ln_bias, fc2, group_size, num_iters,
+                                   eps_bd, eps_ir, ln_eps)
     saved = out[1:]
-    return TrainStep(_to_layout(out[0], x), saved[_WM], saved[_INV_STD], saved[_FINITE])
+    return TrainStep(out[0], saved[_WM], saved[_INV_STD], saved[_FINITE])
 
 
 def ce_eval(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -167,9 +175,8 @@ def ce_eval(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln_bia
     Returns:
         (N, C, H, W) in ``x``'s layout.
     """
-    out = torch.ops.cenet.ce_eval(x.contiguous(), wm, fc1, ln_weight, ln_bias, fc2, scale,
-                                  group_size, ln_eps)
-    return _to_layout(out, x)
+    return torch.ops.cenet.ce_eval(x, wm, fc1, ln_weight, ln_bias, fc2, scale, group_size,
+                                   ln_eps)
 
 
 # FLOP formulas (2 per multiply-add, as torch.utils.flop_counter counts matmuls): the passes
