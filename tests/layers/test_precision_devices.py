@@ -83,7 +83,13 @@ def test_every_device_matches_float64_on_the_cpu(device, mode):
     for name, buf in module.named_buffers():
         torch.testing.assert_close(buf.cpu().double(), ref.get_buffer(name), rtol=1e-4,
                                    atol=1e-5)
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert torch.isfinite(module(x.to(device))).all()
-        assert module.bd is None or module.bd.running_wm.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("mode", ["ce", "bd", "ir"])
+def test_cuda_autocast_keeps_float32_statistics_and_buffers(mode):
+    module = ChannelEquilibrium(32, mode=mode, group_size=8).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = module(make_input().cuda().bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert all(b.dtype == torch.float32 for b in module.buffers())

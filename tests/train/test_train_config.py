@@ -131,7 +131,7 @@ def test_bundled_configs_load() -> None:
     }
     main = load_config("main.yaml")
     assert main.data is None and main.model == "cifar_vgg11_ce" and main.no_wd_1d
-    assert (main.epochs, main.channels_last, main.model_kwargs) == (8, True, {"width": 0.5})
+    assert (main.epochs, main.channels_last, main.model_kwargs) == (9, True, {"width": 0.5})
 
 
 def test_missing_config_names_bundled_ones() -> None:
