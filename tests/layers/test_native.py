@@ -207,3 +207,29 @@ def test_input_gradient_reaches_the_previous_layer_in_its_layout(native_isa):
     ce(mid).sum().backward()
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert not seen[0].is_contiguous()
+
+
+def test_flop_counter_counts_the_native_ops_by_hand(native_isa):
+    """torch.utils.flop_counter books the ops as the products they compute (2 FLOPs per
+    multiply-add): the passes over the map, the Newton iteration's g×g products, the gate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, c, h, w, g, hidden, iters = 4, 32, 6, 5, 8, 8, 3
+    ce = ChannelEquilibrium(c, group_size=g, num_iters=iters)
+    x = make_input((n, c, h, w), torch.float32).requires_grad_()
+    groups, m = c // g, h * w
+    gate = 2 * 2 * n * c * hidden  # two layers of n × c × hidden multiply-adds
+    newton_fwd = (iters - 1) * 3 * 2 * groups * g**3
+    newton_bwd = (iters - 1) * 8 * 2 * groups * g**3
+    covariance = 2 * groups * g * g
+    with FlopCounterMode(display=False) as counter:
+        ce(x).sum().backward()
+    flops = counter.get_flop_counts()["Global"]
+    assert flops[torch.ops.cenet.ce_train] == (2 * (2 * n * c * g * m) + covariance
+                                               + newton_fwd + gate)
+    assert flops[torch.ops.cenet.ce_train_backward] == (3 * (2 * n * c * g * m) + covariance
+                                                        + newton_bwd + 2 * gate)
+    ce.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ce(x)
+    assert counter.get_total_flops() == 2 * n * c * g * m + gate
