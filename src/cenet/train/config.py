@@ -29,6 +29,9 @@ SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
 GCT_NO_WD = ("beta", "all", "none")
 """Valid values of :attr:`TrainConfig.gct_no_wd`."""
 
+AMP_DTYPES = ("bf16", "fp16")
+"""Valid values of :attr:`TrainConfig.amp` (besides ``None``)."""
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -51,7 +54,11 @@ class TrainConfig:
             the data set's own. CIFAR-10: ``None`` or 32 only. ``"folder"``: training images
             get ``RandomResizedCrop(N)`` and a flip, test images ``Resize(N / 0.875)`` and
             ``CenterCrop(N)``; ``None`` = the shorter side of the first training image.
-        batch_size: training batch size (images per iteration).
+        batch_size: the global training batch: images per optimizer step summed over all
+            processes and accumulation steps; each process loads ``batch_size / world_size``
+            images per step and splits them into ``grad_accum_steps`` micro-batches.
+        grad_accum_steps: micro-batches whose gradients are summed before each optimizer step,
+            so fewer devices keep a recipe's global batch; must divide the per-process batch.
         eval_batch_size: test batch size; ``None`` = ``batch_size``.
         epochs: number of passes over the training set.
         lr: peak learning rate (after warm-up).
@@ -88,8 +95,24 @@ class TrainConfig:
         checkpoint_every_steps: also write ``last.pt`` every this many iterations; 0 = only at
             the end of each epoch.
         out: run directory; ``None`` = ``runs/<model>_s<seed>``.
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        log_interval: iterations between progress-bar updates.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Under ``torchrun`` with CUDA each
+            process uses ``cuda:LOCAL_RANK``.
+        log_interval: iterations between progress-bar updates (and progress lines when the
+            output is not a terminal).
+        amp: mixed precision: ``"bf16"`` or ``"fp16"`` (``torch.autocast``; a GradScaler for
+            fp16), ``None`` = float32. CE statistics and the Newton iteration stay float32.
+        compile: ``torch.compile`` the model (after DDP wrapping, as the PyTorch DDP docs
+            advise, so that DDPOptimizer splits graphs at bucket boundaries).
+        model_ema_decay: keep an exponential moving average of the weights and buffers with
+            this decay in (0, 1) and evaluate it beside the model; ``None`` = no EMA.
+        sync_ce: in distributed training, synchronize CE/BD/IR batch statistics across
+            processes (:func:`cenet.convert_sync_ce`).
+        sync_bn: in distributed training, convert BatchNorm to ``torch.nn.SyncBatchNorm``.
+        dist_backend: ``torch.distributed`` backend; ``None`` = NCCL on CUDA, gloo on CPU.
+        skip_bad_images: skip (and count in the log) images that cannot be read or decoded;
+            ``False`` = stop with an error naming the file.
+        max_steps: stop after this many optimizer steps in total (the schedule still spans
+            ``epochs``), evaluate and checkpoint; for smoke tests of a recipe. ``None`` = off.
     """
 
     model: str = "cifar_resnet20_ce"
@@ -131,6 +154,15 @@ class TrainConfig:
     out: str | None = None
     device: str = "cpu"
     log_interval: int = 20
+    grad_accum_steps: int = 1
+    amp: str | None = None
+    compile: bool = False
+    model_ema_decay: float | None = None
+    sync_ce: bool = False
+    sync_bn: bool = False
+    dist_backend: str | None = None
+    skip_bad_images: bool = False
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -207,6 +239,31 @@ class TrainConfig:
             bool(_DEVICE_RE.match(self.device)), "device", self.device, "'cpu', 'cuda' or 'cuda:N'"
         )
         _check(self.log_interval >= 1, "log_interval", self.log_interval, "an integer >= 1")
+        _check(
+            self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps,
+            "an integer >= 1",
+        )
+        _check(
+            self.batch_size % self.grad_accum_steps == 0,
+            "batch_size",
+            self.batch_size,
+            f"a multiple of grad_accum_steps={self.grad_accum_steps}",
+        )
+        _check(self.amp is None or self.amp in AMP_DTYPES, "amp", self.amp,
+               f"null or one of {AMP_DTYPES}")
+        _check(
+            self.model_ema_decay is None or 0 < self.model_ema_decay < 1,
+            "model_ema_decay",
+            self.model_ema_decay,
+            "null or a number in (0, 1), e.g. 0.9998",
+        )
+        _check(
+            self.dist_backend is None or self.dist_backend in ("gloo", "nccl", "mpi", "xccl"),
+            "dist_backend",
+            self.dist_backend,
+            "null (NCCL on CUDA, gloo on CPU), 'gloo', 'nccl', 'mpi' or 'xccl'",
+        )
+        _positive_or_none(self, "max_steps")
         _check(
             all(isinstance(k, str) for k in self.model_kwargs),
             "model_kwargs",
