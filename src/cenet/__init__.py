@@ -3,7 +3,13 @@
 from importlib import metadata as _metadata
 
 from cenet import layers, models
-from cenet.convert import ce_keys_from_model, ce_keys_to_model, convert_ce
+from cenet.convert import (
+    ce_keys_from_model,
+    ce_keys_to_model,
+    convert_ce,
+    convert_sync_ce,
+    revert_sync_ce,
+)
 from cenet.layers import ChannelEquilibrium
 from cenet.models import create_model, list_models
 
@@ -14,5 +20,5 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 
 __all__ = [
     "ChannelEquilibrium", "__version__", "ce_keys_from_model", "ce_keys_to_model", "convert_ce",
-    "create_model", "layers", "list_models", "models",
+    "convert_sync_ce", "create_model", "layers", "list_models", "models", "revert_sync_ce",
 ]

@@ -12,8 +12,9 @@ from cenet.convert.insert import (
     select_norms,
 )
 from cenet.convert.keys import ce_keys_from_model, ce_keys_to_model
+from cenet.convert.sync import convert_sync_ce, revert_sync_ce
 
 __all__ = [
     "ALL_NORM_TYPES", "CEAct", "NormCE", "ce_keys_from_model", "ce_keys_to_model", "convert_ce",
-    "norm_channels", "select_norms",
+    "convert_sync_ce", "norm_channels", "revert_sync_ce", "select_norms",
 ]

@@ -20,6 +20,11 @@ from cenet.layers.functional import (
 from cenet.layers.gct import GCT_MODES, GatedChannelTransformation, gct_no_decay_parameters
 from cenet.layers.instance_reweighting import InstanceReweighting
 from cenet.layers.squeeze_excite import SqueezeExcitation
+from cenet.layers.sync_ce import (
+    SyncBatchDecorrelation,
+    SyncChannelEquilibrium,
+    SyncInstanceReweighting,
+)
 from cenet.layers.whitening_norm import DecorrelatedBatchNorm, IterNorm
 
 __all__ = [
@@ -32,6 +37,9 @@ __all__ = [
     "InstanceReweighting",
     "IterNorm",
     "SqueezeExcitation",
+    "SyncBatchDecorrelation",
+    "SyncChannelEquilibrium",
+    "SyncInstanceReweighting",
     "attn_names",
     "create_attn",
     "get_attn",

@@ -102,10 +102,21 @@ class BatchDecorrelation(nn.Module):
                 + "; use a larger batch or call .eval()"
             )
 
+    def statistics(self, x: Tensor) -> CF.GroupStatistics:
+        """Sufficient statistics (count, Σx, Σxxᵀ) of the batch x (Eqn 5), after the 2×2
+        pooling with ``pool``. :class:`~cenet.layers.sync_ce.SyncBatchDecorrelation` returns
+        them summed over all processes."""
+        return CF.group_statistics(x, self.group_size, pool=self.pool)
+
+    def matrix(self, stats: CF.GroupStatistics) -> tuple[Tensor, Tensor]:
+        """W (G, g, g) from the statistics (Eqns 5-6) and a bool flag: the covariance is
+        finite."""
+        cov = CF.batch_covariance(stats)
+        return CF.whitening_matrix(cov, self.num_iters, self.eps), all_finite(cov)
+
     def batch_matrix(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """W (G, g, g) of the batch x (Eqns 5-6) and a bool flag: its covariance is finite."""
-        cov = CF.batch_covariance(CF.group_statistics(x, self.group_size, pool=self.pool))
-        return CF.whitening_matrix(cov, self.num_iters, self.eps), all_finite(cov)
+        return self.matrix(self.statistics(x))
 
     def update_running(self, wm: Tensor, finite: Tensor) -> None:
         """``running_wm`` ← (1 − m)·running_wm + m·W (Eqn 32), unless ``finite`` is False."""

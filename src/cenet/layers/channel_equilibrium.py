@@ -179,22 +179,14 @@ class ChannelEquilibrium(nn.Module):
 
     def _reference(self, x: Tensor) -> Tensor:
         bd, ir = self.bd, self.ir
-        wm = diag = inv_std = None
-        finite = x.new_ones((), dtype=torch.bool)
-        if bd is not None:
-            wm = bd.running_wm
-            if self.training:
-                wm, bd_finite = bd.batch_matrix(x)
-                finite = finite & bd_finite
-        if ir is not None:
-            inst_var = CF.instance_variance(x)
-            inv_std = ir.running_inv_std
-            if self.training:
-                inv_std, ir_finite = ir.batch_scale(inst_var)
-                finite = finite & ir_finite
-            diag = ir.gate(inst_var) * inv_std
+        inst_var = None if ir is None else CF.instance_variance(x)
         if self.training:
+            wm, inv_std, finite = self._batch_estimates(x, inst_var)
             self._update_running(wm, inv_std, finite)
+        else:
+            wm = None if bd is None else bd.running_wm
+            inv_std = None if ir is None else ir.running_inv_std
+        diag = None if ir is None else ir.gate(inst_var) * inv_std
         if self.mode == "ce":
             lam = torch.sigmoid(self.theta)
             wm, diag = lam * wm, (1 - lam) * diag
@@ -207,6 +199,32 @@ class ChannelEquilibrium(nn.Module):
                 eye = torch.eye(wm.shape[-1], dtype=wm.dtype, device=wm.device)
                 wm = g * wm + (1 - g) * eye
         return CF.channel_equilibrium(x, wm, diag)
+
+    def _batch_estimates(
+        self, x: Tensor, inst_var: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """W (BD), (s + ε)^{-1/2} (IR) and a finiteness flag of the training batch, from its
+        sufficient statistics after :meth:`_reduce_statistics`."""
+        bd, ir = self.bd, self.ir
+        bd_stats = None if bd is None else bd.statistics(x)
+        ir_stats = None if ir is None else ir.statistics(inst_var)
+        bd_stats, ir_stats = self._reduce_statistics(bd_stats, ir_stats)
+        wm = inv_std = None
+        finite = x.new_ones((), dtype=torch.bool)
+        if bd is not None:
+            wm, bd_finite = bd.matrix(bd_stats)
+            finite = finite & bd_finite
+        if ir is not None:
+            inv_std, ir_finite = ir.scale(ir_stats)
+            finite = finite & ir_finite
+        return wm, inv_std, finite
+
+    def _reduce_statistics(
+        self, bd_stats: CF.GroupStatistics | None, ir_stats: CF.VarianceStatistics | None
+    ) -> tuple[CF.GroupStatistics | None, CF.VarianceStatistics | None]:
+        """The batch's statistics as the estimates use them: unchanged here; summed over all
+        processes in :class:`~cenet.layers.sync_ce.SyncChannelEquilibrium`."""
+        return bd_stats, ir_stats
 
     def _update_running(self, wm: Tensor | None, inv_std: Tensor | None, finite: Tensor) -> None:
         """The one place where the running estimates change (Eqn 32): raise for a non-finite

@@ -5,14 +5,16 @@ the path that runs on CUDA, MPS and ``meta``, under ``torch.compile`` and ``torc
 and the reference that the native CPU operator (:mod:`cenet.kernels.operators`) is tested against.
 
     x ─▶ group_statistics ─▶ batch_covariance ─▶ whitening_matrix          (BD, Eqns 5-6)
-    x ─▶ instance_variance ─▶ batch_inv_std, instance_gate                 (IR, Eqns 7-8, 21)
+    x ─▶ instance_variance ─▶ variance_statistics ─▶ inv_std_from_statistics (IR, Eqns 7-8)
+                          └─▶ instance_gate                                (IR, Eqn 21)
     x, W, d ─▶ channel_equilibrium                                         (Eqns 2, 4)
 
 Dtype rules: statistics, the covariance, the Newton iteration and the gate run in the input's
 dtype promoted to at least float32 (float32 for float16/bfloat16/float32 input, float64 for
 float64), with autocast disabled; :func:`channel_equilibrium` returns the input's dtype.
-``group_statistics`` returns *sufficient* statistics (count, Σx, Σxxᵀ), which add up across
-batches, so a distributed version can all-reduce them before :func:`batch_covariance`.
+``group_statistics`` and ``variance_statistics`` return *sufficient* statistics (sums and
+counts), which add up across batches, so a distributed version (:mod:`cenet.layers.sync_ce`)
+all-reduces them before :func:`batch_covariance` and :func:`inv_std_from_statistics`.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from torch import Tensor
 
 __all__ = [
     "GroupStatistics",
+    "VarianceStatistics",
     "batch_covariance",
     "batch_inv_std",
     "channel_equilibrium",
     "group_statistics",
     "instance_gate",
     "instance_variance",
+    "inv_std_from_statistics",
     "is_channels_last",
     "newton_schulz_isqrt",
     "statistics_dtype",
     "trace_normalize",
+    "variance_statistics",
     "whitening_matrix",
 ]
 
@@ -52,6 +57,18 @@ class GroupStatistics(NamedTuple):
     count: Tensor
     total: Tensor
     gram: Tensor
+
+
+class VarianceStatistics(NamedTuple):
+    """Sufficient statistics of IR's batch scale s (sums, not means).
+
+    Attributes:
+        count: () number of instance variances summed, N·C.
+        total: () Σ σ̃²_{n,c} over samples and channels.
+    """
+
+    count: Tensor
+    total: Tensor
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -194,6 +211,28 @@ def instance_variance(x: Tensor) -> Tensor:
         return torch.var_mean(xf, dim=(2, 3), correction=0)[0]
 
 
+def variance_statistics(inst_var: Tensor) -> VarianceStatistics:
+    """Count and sum of the instance variances (N, C): what IR's batch scale needs (Eqn 8).
+
+    Returns:
+        :class:`VarianceStatistics` in ``inst_var``'s dtype.
+    """
+    return VarianceStatistics(inst_var.new_full((), inst_var.numel()), inst_var.sum())
+
+
+def inv_std_from_statistics(stats: VarianceStatistics, eps: float) -> Tensor:
+    """IR's batch scale (s + ε)^{-1/2}, s = Σσ̃² / (N·C) (CE paper, Eqn 8).
+
+    Args:
+        stats: :class:`VarianceStatistics` of the batch (or of all processes' batches summed).
+        eps: ε, so that a constant input stays finite.
+
+    Returns:
+        (1,) tensor in the statistics' dtype.
+    """
+    return (stats.total / stats.count + eps).rsqrt().reshape(1)
+
+
 def batch_inv_std(inst_var: Tensor, eps: float) -> Tensor:
     """IR's batch scale (s + ε)^{-1/2}, s the mean of σ̃² over samples and channels (Eqn 8).
 
@@ -204,7 +243,7 @@ def batch_inv_std(inst_var: Tensor, eps: float) -> Tensor:
     Returns:
         (1,) tensor in ``inst_var``'s dtype.
     """
-    return (inst_var.mean() + eps).rsqrt().reshape(1)
+    return inv_std_from_statistics(variance_statistics(inst_var), eps)
 
 
 def instance_gate(

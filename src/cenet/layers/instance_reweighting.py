@@ -74,10 +74,20 @@ class InstanceReweighting(nn.Module):
         return CF.instance_gate(inst_var, self.fc1.weight, self.norm.weight, self.norm.bias,
                                 self.fc2.weight, self.norm.eps)
 
+    def statistics(self, inst_var: Tensor) -> CF.VarianceStatistics:
+        """Count and sum of the instance variances (N, C) (Eqn 8).
+        :class:`~cenet.layers.sync_ce.SyncInstanceReweighting` returns them summed over all
+        processes."""
+        return CF.variance_statistics(inst_var)
+
+    def scale(self, stats: CF.VarianceStatistics) -> tuple[Tensor, Tensor]:
+        """(s + ε)^{-1/2} (1,) from the statistics and a bool flag: it is finite (Eqn 8)."""
+        inv_std = CF.inv_std_from_statistics(stats, self.eps)
+        return inv_std, all_finite(inv_std)
+
     def batch_scale(self, inst_var: Tensor) -> tuple[Tensor, Tensor]:
         """(s + ε)^{-1/2} (1,) of the batch and a bool flag: it is finite (Eqn 8)."""
-        inv_std = CF.batch_inv_std(inst_var, self.eps)
-        return inv_std, all_finite(inv_std)
+        return self.scale(self.statistics(inst_var))
 
     def update_running(self, inv_std: Tensor, finite: Tensor) -> None:
         """``running_inv_std`` ← (1 − m)·running + m·(s + ε)^{-1/2} (Eqn 32), unless
