@@ -28,6 +28,18 @@ def test_group_statistics_are_sums_that_add_over_batches():
     torch.testing.assert_close(whole.gram[1], rows[4:] @ rows[4:].T)
 
 
+def test_variance_statistics_add_over_batches_and_give_the_batch_scale():
+    var = CF.instance_variance(correlated())  # (5, 8)
+    whole = CF.variance_statistics(var)
+    parts = [CF.variance_statistics(p) for p in (var[:2], var[2:], var[:0])]  # one empty
+    assert whole.count.item() == 40
+    torch.testing.assert_close(whole.total, sum(p.total for p in parts))
+    torch.testing.assert_close(whole.count, sum(p.count for p in parts))
+    summed = CF.VarianceStatistics(sum(p.count for p in parts), sum(p.total for p in parts))
+    expected = (var.mean() + 1e-5) ** -0.5
+    torch.testing.assert_close(CF.inv_std_from_statistics(summed, 1e-5), expected.reshape(1))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_batch_covariance_is_the_population_covariance_per_group(layout):
     x = correlated()
