@@ -1,5 +1,8 @@
 """Any ImageFolder data set (``root/train/<class>/<image>`` plus ``root/val/`` or ``root/test/``),
-read with ``torchvision.datasets.ImageFolder`` and transforms.v2 through a normal DataLoader."""
+read with ``torchvision.datasets.ImageFolder`` and transforms.v2 through one DataLoader per
+loader (built once, persistent workers), sharded over distributed processes with
+``DistributedSampler``; unreadable images are reported or skipped in the main process
+(:mod:`cenet.data.badimage`)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .badimage import BadImage, BadImageError, BatchCollate, open_rgb
 from .loader import EpochBatches
 from .locate import EVAL_SPLITS, TRAIN_SPLIT
 from .seeding import derive_seed, make_generator
+from .sharding import EpochKeys, StridedSampler
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +31,15 @@ Sample = tuple[str, int]  # (image path, label)
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Open an image file as RGB (grayscale, palette and RGBA are converted; alpha dropped)."""
-    with open(path, "rb") as f, Image.open(f) as im:
-        return im.convert("RGB")
+    """Open an image file as RGB (grayscale, palette and RGBA are converted; alpha dropped).
+
+    Raises:
+        BadImageError: the file cannot be read or decoded (names the file and the reason).
+    """
+    image = open_rgb(path)
+    if isinstance(image, BadImage):
+        raise BadImageError(image.path, image.reason)
+    return image
 
 
 @dataclass(frozen=True)
@@ -92,21 +103,35 @@ def folder_transform(
     )
 
 
-def infer_image_size(samples: Sequence[Sample]) -> int:
-    """The shorter side, in pixels, of the first image of ``samples``.
+def infer_image_size(samples: Sequence[Sample], *, skip_bad_images: bool = False) -> int:
+    """The shorter side, in pixels, of the first (readable) image of ``samples``.
+
+    Only the header is read. With ``skip_bad_images`` unreadable files are logged and passed
+    over.
 
     Raises:
-        ValueError: if ``samples`` is empty.
+        ValueError: if ``samples`` is empty (or has no readable image).
+        BadImageError: the first image cannot be read and ``skip_bad_images`` is off.
     """
     if not samples:
         raise ValueError("no images to infer image_size from")
-    with Image.open(samples[0][0]) as im:
-        return min(im.size)
+    for path, _ in samples:
+        try:
+            with Image.open(path) as im:
+                return min(im.size)
+        except Exception as exc:  # any failure to read this one file is a property of the file
+            reason = f"{type(exc).__name__}: {exc}"
+            if not skip_bad_images:
+                raise BadImageError(str(path), reason) from None
+            log.warning("skipping unreadable image %s (%s)", path, reason)
+    raise ValueError("no readable image to infer image_size from")
 
 
 class _SampleDataset(Dataset):
-    """Map-style dataset keyed by ``(position, epoch)``; random transforms are seeded with
-    ``(seed, epoch, position)`` so results do not depend on workers or batch order."""
+    """Map-style dataset keyed by ``(index, epoch)``; random transforms are seeded with
+    ``(seed, epoch, index)`` so results do not depend on workers, ranks or batch order.
+    Returns ``(image float32 [C, H, W] or BadImage, label)``: decode errors never raise here
+    (that is, in a worker), they travel to the main process as markers."""
 
     def __init__(self, samples: list[Sample], transform: v2.Compose, seed: int, random: bool):
         self.samples = samples
@@ -117,55 +142,68 @@ class _SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        pos, epoch = key
-        path, label = self.samples[pos]
-        image = rgb_loader(path)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | BadImage, int]:
+        index, epoch = key
+        path, label = self.samples[index]
+        image = open_rgb(path)
+        if isinstance(image, BadImage):
+            return image, label
         if not self.random:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, pos, "augment"))
+            torch.manual_seed(derive_seed(self.seed, epoch, index, "augment"))
             return self.transform(image), label
 
 
-class _EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(position, epoch)`` keys for ``_SampleDataset``, lazily."""
-
-    def __init__(self, order: torch.Tensor, epoch: int):
-        self.order = order
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.order.numel()
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for chunk in self.order.split(4096):
-            for pos in chunk.tolist():
-                yield pos, self.epoch
-
-
 class FolderLoader(EpochBatches):
-    """Batches of an image list through ``torch.utils.data.DataLoader``.
+    """Batches of an image list through one ``torch.utils.data.DataLoader``.
 
     Same contract as :class:`cenet.data.loader.TensorLoader`: order and random transforms
     of epoch ``e`` depend only on ``(seed, e)``; call :meth:`set_epoch` before each epoch.
+    The DataLoader is built once, with persistent workers (``num_workers > 0``), so worker
+    processes live across epochs; the epoch and the resume point go to the sampler, which
+    runs in this process, whenever an iteration starts.
+
+    Sharding (``num_replicas = W``): with even shards (training) a
+    ``torch.utils.data.DistributedSampler(num_replicas=W, rank=rank, shuffle=shuffle,
+    seed=derive_seed(seed, "order"), drop_last=drop_last)`` gives rank ``r`` positions
+    ``r, r + W, ...`` of the epoch's permutation, so its batch ``k`` holds positions ``r, r +
+    W, ...`` of global batch ``k`` (batch ``batch_size * W``); uneven shards (evaluation)
+    give rank ``r`` the images ``r::W`` of ``samples``, no padding.
+
+    Unreadable images (:func:`cenet.data.badimage.open_rgb`) are dropped from their batch in
+    the worker and reported here: :class:`BadImageError` naming the file, or, with
+    ``skip_bad_images``, a warning on logger ``cenet.data.folder`` and the path appended to
+    ``bad_images`` (reset by ``set_epoch`` and at the start of each pass). A batch whose
+    images are all unreadable raises :class:`BadImageError` either way.
 
     Args:
         samples: ``(path, label)`` pairs.
         transform: PIL image -> float32 ``[C, H, W]`` (see :func:`folder_transform`).
-        batch_size: images per batch, >= 1.
+        batch_size: images per batch of this process, >= 1.
         shuffle: new random order every epoch.
         drop_last: leave out the last, smaller batch.
         random_transform: ``transform`` draws random numbers (seed them per sample).
         seed: base seed.
         num_workers: DataLoader worker processes (0 = decode in this process).
         channels_last: yield images in ``torch.channels_last`` memory format.
+        num_replicas: number of processes ``W``, >= 1.
+        rank: this process, ``0..W-1``.
+        even_shards: ``DistributedSampler`` shards of equal size (training); ``False``:
+            ``r::W`` without padding (evaluation).
+        skip_bad_images: skip unreadable images instead of raising.
+        pin_memory: the DataLoader's ``pin_memory`` (ignored without an accelerator).
+        prefetch_factor: batches each worker loads ahead; ``None`` = DataLoader's default
+            (2); unused without workers.
 
     Yields:
-        ``(images float32 [B, C, H, W], labels int64 [B])``.
+        ``(images float32 [B, C, H, W], labels int64 [B])``, ``B <= batch_size`` (fewer when
+        images were skipped).
 
     Raises:
-        ValueError: ``batch_size < 1`` or ``num_workers < 0``.
+        ValueError: ``batch_size < 1``, ``num_workers < 0``, ``num_replicas < 1``, ``rank``
+            outside ``0..num_replicas-1``, ``prefetch_factor < 1``.
+        BadImageError: while iterating, for an unreadable image (see above).
     """
 
     def __init__(
@@ -180,43 +218,80 @@ class FolderLoader(EpochBatches):
         seed: int = 0,
         num_workers: int = 0,
         channels_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        even_shards: bool = True,
+        skip_bad_images: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if prefetch_factor is not None and prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1 or None, got {prefetch_factor!r}")
+        self._init_batches(len(samples), batch_size, drop_last, num_replicas, rank, even_shards)
         self.dataset = _SampleDataset(list(samples), transform, seed, random_transform)
-        self.batch_size = batch_size
-        self.num_samples = len(samples)
         self.shuffle = shuffle
-        self.drop_last = drop_last
         self.seed = seed
         self.num_workers = num_workers
         self.channels_last = channels_last
-        self.epoch = 0
-        self.start_batch = 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
-        if self.shuffle:
-            order = torch.randperm(n, generator=make_generator(self.seed, self.epoch, "order"))
+        self.skip_bad_images = skip_bad_images
+        self.sampler: Sampler[int]
+        if even_shards:
+            self.sampler = DistributedSampler(
+                self.dataset,
+                num_replicas=num_replicas,
+                rank=rank,
+                shuffle=shuffle,
+                seed=derive_seed(seed, "order"),
+                drop_last=drop_last,
+            )
         else:
-            order = torch.arange(n)
-        sampler = _EpochSampler(order[self.start_batch * self.batch_size :], self.epoch)
-        loader = DataLoader(
+            self.sampler = StridedSampler(len(samples), num_replicas, rank)
+        self.keys = EpochKeys(self.sampler)
+        self.loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=self.drop_last,
-            num_workers=self.num_workers,
+            sampler=self.keys,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            collate_fn=BatchCollate(channels_last),
+            pin_memory=pin_memory and torch.accelerator.is_available(),
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            # the workers' base seed; a private generator leaves the global RNG alone
+            generator=make_generator(seed, "workers"),
         )
-        for x, y in loader:
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(self.epoch)
+        self.keys.epoch = self.epoch
+        self.keys.start = self.start_batch * self.batch_size
+        self.bad_images = []
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, bad in batches:
+            for path, reason in bad:
+                if not self.skip_bad_images:
+                    raise BadImageError(path, reason)
+                log.warning("skipping unreadable image %s (%s)", path, reason)
+                self.bad_images.append(path)
+            if images is None:
+                path, reason = bad[0]
+                raise BadImageError(
+                    path,
+                    reason,
+                    message=f"all {len(bad)} images of a batch are unreadable (the first: "
+                    f"{path}: {reason}); a batch cannot be empty, so skipping them does not "
+                    f"help: remove or replace these files",
+                )
+            yield images, labels
 
     def __repr__(self) -> str:
         return (
             f"FolderLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, "
-            f"shuffle={self.shuffle}, num_workers={self.num_workers}, epoch={self.epoch})"
+            f"shuffle={self.shuffle}, num_workers={self.num_workers}, epoch={self.epoch}, "
+            f"rank={self.rank}/{self.num_replicas})"
         )
