@@ -128,8 +128,9 @@ def test_build_loaders_cifar_sharded(python_tar):
     single = _epoch(train1, 1)
     ranks, eval_labels = [], []
     for r in range(2):
-        train, test, info2 = build_loaders(data=python_tar.path, batch_size=6,
-                                           eval_batch_size=4, seed=2, num_replicas=2, rank=r)
+        train, test, info2 = build_loaders(
+            data=python_tar.path, batch_size=6, eval_batch_size=4, seed=2, num_replicas=2, rank=r
+        )
         assert info2 == info
         assert (train.batch_size, len(train), train.num_replicas, train.rank) == (3, 3, 2, r)
         assert train.total_samples == 20 and train.num_samples == 10
