@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 
 import pytest
 import torch
@@ -57,6 +58,8 @@ def test_bad_image_raises_in_the_main_process_naming_the_file(spoiled, workers):
     # raised here, not re-raised from a worker: no worker traceback, no chained cause
     assert err.__cause__ is None and "Traceback" not in str(err)
     assert "worker" not in str(err).lower()
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.path, copy.reason, str(copy)) == (err.path, err.reason, str(err))
     # Stop the persistent worker now: left to a later garbage collection, its shutdown can
     # run inside an import (PIL loads its plugins lazily) and wait 5 s for the worker to join.
     del info, err, train

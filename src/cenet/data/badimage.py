@@ -22,10 +22,13 @@ class BadImageError(ValueError):
             ..."`` or ``"OSError: image file is truncated ..."``.
     """
 
-    def __init__(self, path: str, reason: str, *, message: str | None = None) -> None:
+    def __init__(self, path: str, reason: str, message: str | None = None) -> None:
         self.path = path
         self.reason = reason
         super().__init__(message or f"cannot read image {path}: {reason}; {SKIP_HINT}")
+
+    def __reduce__(self) -> tuple[type[BadImageError], tuple[str, str, str]]:
+        return type(self), (self.path, self.reason, str(self))
 
 
 @dataclass(frozen=True)
