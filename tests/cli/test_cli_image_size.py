@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-import cenet.train.loop as loop
+import cenet.train.session as session
 import cenet.train.runtime as runtime
 from cenet.cli.main import main
 from cenet.cli.train import positive_int
@@ -63,7 +63,7 @@ def test_cifar10_takes_only_its_native_size(capsys) -> None:
 def test_image_size_reaches_the_loaders_and_the_model(image_folder, tmp_path, monkeypatch,
                                                       capsys) -> None:
     loaded, inputs = [], []
-    real_build_loaders, real_build_model = runtime.build_loaders, loop.build_model
+    real_build_loaders, real_build_model = runtime.build_loaders, session.build_model
 
     def build_loaders(**kwargs):
         train, test, info = real_build_loaders(**kwargs)
@@ -76,7 +76,7 @@ def test_image_size_reaches_the_loaders_and_the_model(image_folder, tmp_path, mo
         return model
 
     monkeypatch.setattr(runtime, "build_loaders", build_loaders)
-    monkeypatch.setattr(loop, "build_model", build_model)
+    monkeypatch.setattr(session, "build_model", build_model)
     out = tmp_path / "run"
     code = main(["-q", "train", "--model", "_test_tiny_cnn", "--dataset", "folder",
                  "--data", str(image_folder), "--image-size", "16", "--epochs", "1",

@@ -15,10 +15,12 @@ from cenet.train import (
     parse_overrides,
     read_yaml_config,
     resume_config,
+    resume_training,
     train,
 )
-from cenet.train.config import dump_yaml
-from cenet.train.rundir import resume_checkpoint_path
+from cenet.train.config import AMP_DTYPES, dump_yaml
+from cenet.train.distributed import env_rank
+from cenet.train.rundir import resume_checkpoint_path, run_dir_of
 
 
 def positive_int(text: str) -> int:
@@ -34,6 +36,38 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value, when it is not such an integer.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def ema_decay(text: str) -> float:
+    """argparse type: a number in (0, 1), the decay of the weights' moving average.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the value, when it is not such a number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a decay in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a decay in (0, 1) such as 0.9998, got {value}"
+        )
     return value
 
 
@@ -61,9 +95,38 @@ _FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
      "fraction of training labels replaced at random, in [0, 1]"),
     ("--record-channels", "record_channels", int, "B",
      "after each epoch, record the inhibited ratio and channel correlation on B test batches"),
-    ("--threads", "threads", int, "N", "torch CPU threads (default: all cores)"),
-    ("--device", "device", str, "DEV", "cpu (default), cuda or cuda:N"),
+    ("--threads", "threads", int, "N",
+     "torch CPU threads per process (default: the cores divided among the processes of "
+     "the node)"),
+    ("--device", "device", str, "DEV",
+     "cpu (default), cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK"),
     ("--out", "out", str, "DIR", "run directory (default runs/<model>_s<seed>)"),
+    ("--workers", "num_workers", non_negative_int, "N",
+     "data loading worker processes per training process (ImageFolder data)"),
+    ("--grad-accum", "grad_accum_steps", positive_int, "N",
+     "cut each process's batch into N micro-batches whose gradients are summed before the "
+     "optimizer step (--batch-size stays the global batch)"),
+    ("--amp", "amp", str, "{" + ",".join(AMP_DTYPES) + "}",
+     "mixed precision (torch.autocast; fp16 with a gradient scaler); default float32"),
+    ("--model-ema", "model_ema_decay", ema_decay, "DECAY",
+     "keep and evaluate an exponential moving average of the weights, e.g. 0.9998"),
+    ("--max-steps", "max_steps", positive_int, "N",
+     "stop after N optimizer steps in total, then evaluate and checkpoint (smoke tests)"),
+    ("--dist-backend", "dist_backend", str, "NAME",
+     "torch.distributed backend under torchrun: gloo, nccl, mpi or xccl (default: NCCL on "
+     "CUDA, gloo on the CPU)"),
+)
+
+# (flag, config key, help); each --flag sets the key to true and --no-flag to false
+_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("--sync-ce", "sync_ce",
+     "under torchrun, compute CE/BD/IR batch statistics over all processes"),
+    ("--sync-bn", "sync_bn",
+     "under torchrun, convert BatchNorm to SyncBatchNorm (CUDA only)"),
+    ("--compile", "compile", "torch.compile the model (after DDP wrapping)"),
+    ("--channels-last", "channels_last", "run the model in channels-last memory format"),
+    ("--skip-bad-images", "skip_bad_images",
+     "skip and count unreadable images instead of stopping with an error"),
 )
 
 
@@ -89,7 +152,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "settings", "each sets the config key of the same name (--image-size: image_size)"
     )
     for flag, key, typ, metavar, text in _FLAGS:
-        settings.add_argument(flag, dest=key, type=typ, metavar=metavar,
+        choices = AMP_DTYPES if key == "amp" else ("gloo", "nccl", "mpi", "xccl") if (
+            key == "dist_backend"
+        ) else None
+        settings.add_argument(flag, dest=key, type=typ, metavar=metavar, choices=choices,
+                              default=argparse.SUPPRESS, help=text)
+    for flag, key, text in _SWITCHES:
+        settings.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction,
                               default=argparse.SUPPRESS, help=text)
     p.add_argument(
         "--set",
@@ -135,27 +204,47 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         values.update(read_yaml_config(args.config))
     values.update(parse_overrides(args.overrides))
-    values.update({key: getattr(args, key) for _, key, *_ in _FLAGS if hasattr(args, key)})
+    keys = [key for _, key, *_ in _FLAGS] + [key for _, key, _ in _SWITCHES]
+    values.update({key: getattr(args, key) for key in keys if hasattr(args, key)})
     return values
 
 
+def _resume_dir(given: dict[str, Any]) -> Path:
+    """The run directory ``--resume`` without a path continues: ``--out``, or the default
+    ``runs/<model>_s<seed>`` (only these keys are looked at: the others may be changes that
+    are valid only together with the stored config)."""
+    if given.get("out"):
+        return Path(given["out"])
+    return run_dir_of(config_from_dict({k: given[k] for k in ("model", "seed") if k in given}))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``cenet train``; prints the summary. Errors propagate to :func:`cenet.cli.main`."""
+    """Run ``cenet train``; prints the summary (on rank 0 only under ``torchrun``). Errors
+    propagate to :func:`cenet.cli.main`.
+
+    Under ``torchrun`` a resumed run's checkpoint is read by rank 0 alone (inside
+    :func:`cenet.train.resume_training`), so the other processes need no access to it.
+    """
     given = _given(args)
-    if args.resume is not None:
-        if args.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
-        where = None if args.resume is True else args.resume
-        path = resume_checkpoint_path(where, config_from_dict(given))
-        cfg = resume_config(load_checkpoint(path)["config"], given, path.parent)
-    else:
-        path = None
-        cfg = config_from_dict(given, source="--config/--set/options")
+    if args.resume is not None and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
     if args.print_config:
+        if args.resume is not None:
+            where = None if args.resume is True else args.resume
+            path = resume_checkpoint_path(where, config_from_dict(given))
+            cfg = resume_config(load_checkpoint(path)["config"], given, path.parent)
+        else:
+            cfg = config_from_dict(given, source="--config/--set/options")
         print(dump_yaml(cfg), end="")
         return 0
-    result = train(cfg, resume_from=path, overwrite=args.overwrite, progress=args.progress)
-    print(summary(result))
+    if args.resume is not None:
+        where = _resume_dir(given) / "last.pt" if args.resume is True else args.resume
+        result = resume_training(where, given, progress=args.progress)
+    else:
+        cfg = config_from_dict(given, source="--config/--set/options")
+        result = train(cfg, overwrite=args.overwrite, progress=args.progress)
+    if env_rank() == 0:
+        print(summary(result))
     return 0
 
 
@@ -163,11 +252,13 @@ def summary(result: TrainResult) -> str:
     """The short report printed at the end of ``cenet train``."""
     best = f"{result.best_top1:.2f}%" if result.best_top1 >= 0 else "-"
     best_epoch = f" (epoch {result.best_epoch})" if result.best_epoch else ""
+    after = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    if result.stopped_at_max_steps:
+        after = f"{result.global_step} steps (max_steps; {after} complete)"
     return "\n".join(
         [
             f"final test top-1: {result.final_top1:.2f}%  (top-5 {result.final_top5:.2f}%, "
-            f"loss {result.final_test_loss:.4f}) after {result.epochs} epoch"
-            f"{'s' if result.epochs != 1 else ''}",
+            f"loss {result.final_test_loss:.4f}) after {after}",
             f"best test top-1:  {best}{best_epoch}",
             f"training time:    {result.wall_time_s / 60:.2f} min "
             f"({result.images_per_s:.0f} images/s in training)",

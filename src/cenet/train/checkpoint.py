@@ -164,3 +164,19 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def peek_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The stored config of a checkpoint file (or of a run directory's ``last.pt``), read
+    without loading its tensors into memory (``mmap``); ``{}`` if there is no readable
+    checkpoint there. For decisions that must precede a full load (e.g. the device of a
+    resumed distributed run); never raises."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        config = ckpt["config"]
+    except Exception:  # anything unreadable simply means "unknown here"
+        return {}
+    return dict(config) if isinstance(config, dict) else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,17 +53,28 @@ def evaluate(
     *,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    expected_samples: int | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (switched to eval mode, restored afterwards) on ``loader``.
 
     Args:
-        model: the network, already on ``device``.
+        model: the network, already on ``device`` (not a DDP wrapper: with uneven evaluation
+            shards the ranks run different numbers of batches, and DDP's forward would wait
+            for the others).
         loader: yields ``(images, labels)`` batches.
         device: where batches are moved.
         channels_last: feed images in channels-last memory format.
+        reduce: sums a float64 tensor ``[4]`` (loss sum, top-1 hits, top-5 hits, images) over
+            the processes (e.g. :func:`cenet.train.distributed.all_reduce_sum`), so that each
+            process evaluates its shard and all get the metrics of the whole test set;
+            ``None`` = this process's loader is the whole test set.
+        expected_samples: images the pass must count in total (all processes); ``None`` = no
+            check.
 
     Raises:
-        ValueError: if the loader yields no sample.
+        ValueError: if no process saw a sample.
+        RuntimeError: if the images counted differ from ``expected_samples``.
     """
     device = torch.device(device)
     was_training = model.training
@@ -83,13 +94,25 @@ def evaluate(
             seen += labels.shape[0]
     finally:
         model.train(was_training)
+    totals = torch.stack(
+        [loss_sum.cpu(), *(torch.tensor(v, dtype=torch.float64) for v in (*correct, seen))]
+    )
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_total, hits1, hits5, count = totals.tolist()
+    seen = int(count)
     seconds = time.perf_counter() - start
     if seen == 0:
         raise ValueError("the evaluation loader yielded no sample")
+    if expected_samples is not None and seen != expected_samples:
+        raise RuntimeError(
+            f"evaluation counted {seen} images, the test set has {expected_samples}: the "
+            f"processes' evaluation shards do not partition the test set"
+        )
     return EvalResult(
-        loss=float(loss_sum.item()) / seen,
-        top1=percent(correct[0], seen),
-        top5=percent(correct[1], seen),
+        loss=loss_total / seen,
+        top1=percent(int(hits1), seen),
+        top5=percent(int(hits5), seen),
         num_samples=seen,
         seconds=seconds,
         images_per_s=seen / seconds if seconds > 0 else float("inf"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,14 @@ class MetricsLog:
         """Keep only the records with ``epoch <= completed`` (epochs are numbered from 1). On
         resume this drops lines written after the resumed checkpoint, so no epoch appears
         twice."""
+        self.keep_only(lambda r: r.get("epoch", math.inf) <= completed)
+
+    def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite the file (atomically) with the records for which ``keep(record)`` is
+        true; nothing happens if the file does not exist."""
         if not self.path.exists():
             return
-        kept = [r for r in self.read() if r.get("epoch", math.inf) <= completed]
+        kept = [r for r in self.read() if keep(r)]
         text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

@@ -27,10 +27,22 @@ RESUME_MUTABLE = frozenset(
         "download",
         "eval_batch_size",
         "checkpoint_every_steps",
+        "compile",
+        "dist_backend",
+        "skip_bad_images",
+        "max_steps",
+        "grad_accum_steps",
     }
 )
 """Keys that may differ from the checkpoint's config on resume (they do not change what is
-computed, or only where and how fast); every other key must stay as it was."""
+computed, or only where and how fast); every other key must stay as it was.
+
+``max_steps`` may change so that a smoke-tested run can be continued. The number of processes
+is not a config key: a run may resume on another number of processes ``W`` as long as the
+global ``batch_size`` divides into ``W x grad_accum_steps`` micro-batches, and
+``grad_accum_steps`` may change with it; keeping ``W x grad_accum_steps`` as it was keeps the
+micro-batches (and so the batch statistics) exactly as in the uninterrupted run, otherwise a
+warning says that they differ."""
 
 _RESOLVED_KEYS = frozenset({"num_classes", "out", "threads"})
 """Keys that a run fills in when they are null: a null override of them means "as stored"."""

@@ -19,29 +19,40 @@ from cenet.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def resolve_threads(threads: int | None) -> int:
-    """``threads``, or ``os.cpu_count()`` (at least 1) when ``None``."""
-    return threads if threads is not None else max(1, os.cpu_count() or 1)
+def resolve_threads(threads: int | None, processes_per_node: int = 1) -> int:
+    """``threads``, or when ``None`` the cores shared out among the processes of this node:
+    ``os.cpu_count() // processes_per_node`` (at least 1)."""
+    if threads is not None:
+        return threads
+    return max(1, (os.cpu_count() or 1) // max(1, processes_per_node))
 
 
-def setup_torch(cfg: TrainConfig) -> torch.device:
+def setup_torch(
+    cfg: TrainConfig, *, device: torch.device | None = None, processes_per_node: int = 1
+) -> torch.device:
     """Set the thread count, determinism and allocator of ``cfg`` and return its device.
 
+    Args:
+        cfg: the settings (``threads``, ``deterministic``, ``keep_freed_memory``, ``device``).
+        device: the device to use instead of ``cfg.device`` (a distributed process's own,
+            e.g. ``cuda:LOCAL_RANK``).
+        processes_per_node: processes sharing this machine's cores when ``threads`` is null.
+
     Raises:
-        ValueError: if ``cfg.device`` asks for CUDA and no CUDA device is available.
+        ValueError: if the device is CUDA and no (such) CUDA device is available.
     """
-    torch.set_num_threads(resolve_threads(cfg.threads))
+    torch.set_num_threads(resolve_threads(cfg.threads, processes_per_node))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.device) if device is None else device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but CUDA is not available; use device=cpu")
+            raise ValueError(f"device={str(device)!r} but CUDA is not available; use device=cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
-                f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s)"
+                f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s)"
             )
     return device
 
@@ -55,7 +66,8 @@ def seed_everything(seed: int) -> None:
 
 def build_data(cfg: TrainConfig, **changes: Any) -> tuple[Any, Any, Any]:
     """``cenet.data.build_loaders`` with the data settings of ``cfg`` (``changes`` override
-    single keyword arguments). Returns ``(train_loader, test_loader, info)``."""
+    or add single keyword arguments, e.g. ``num_replicas``, ``rank``, ``pin_memory``).
+    ``batch_size`` is the global batch. Returns ``(train_loader, test_loader, info)``."""
     kwargs: dict[str, Any] = dict(
         dataset=cfg.dataset,
         data=cfg.data,
@@ -67,6 +79,7 @@ def build_data(cfg: TrainConfig, **changes: Any) -> tuple[Any, Any, Any]:
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         download=cfg.download,
+        skip_bad_images=cfg.skip_bad_images,
     )
     kwargs.update(changes)
     return build_loaders(**kwargs)

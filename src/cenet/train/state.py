@@ -22,9 +22,12 @@ class TrainState:
         epoch_seen: training images of the epoch in progress.
         epoch_train_s: seconds of training of the epoch in progress.
         epoch_lr: learning rate of the epoch's first iteration.
+        epoch_bad_images: unreadable training images skipped in the epoch in progress (all
+            processes).
         train_s: seconds of training of the whole run.
         eval_s: seconds of evaluation of the whole run.
         images: training images of the whole run.
+        bad_images: unreadable training images skipped in the whole run.
         elapsed_s: wall time of the run's sessions up to the checkpoint.
     """
 
@@ -38,9 +41,11 @@ class TrainState:
     epoch_seen: int = 0
     epoch_train_s: float = 0.0
     epoch_lr: float = math.nan  # LR of the epoch's first iteration
+    epoch_bad_images: int = 0
     train_s: float = 0.0  # totals of the run
     eval_s: float = 0.0
     images: int = 0
+    bad_images: int = 0
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
