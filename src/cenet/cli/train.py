@@ -188,7 +188,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="progress",
         action="store_false",
         default=None,
-        help="no progress bar (default: shown on a terminal unless CI is set)",
+        help="no progress bar but an INFO line every log_interval iterations (the default "
+        "off a terminal and when CI is set); only rank 0 reports",
     )
     p.add_argument(
         "--print-config",

@@ -65,12 +65,13 @@ def evaluate(
         loader: yields ``(images, labels)`` batches.
         device: where batches are moved.
         channels_last: feed images in channels-last memory format.
-        reduce: sums a float64 tensor ``[4]`` (loss sum, top-1 hits, top-5 hits, images) over
-            the processes (e.g. :func:`cenet.train.distributed.all_reduce_sum`), so that each
-            process evaluates its shard and all get the metrics of the whole test set;
-            ``None`` = this process's loader is the whole test set.
-        expected_samples: images the pass must count in total (all processes); ``None`` = no
-            check.
+        reduce: sums a float64 tensor ``[5]`` (loss sum, top-1 hits, top-5 hits, images,
+            skipped unreadable images) over the processes (e.g.
+            :func:`cenet.train.distributed.all_reduce_sum`), so that each process evaluates
+            its shard and all get the metrics of the whole test set; ``None`` = this
+            process's loader is the whole test set.
+        expected_samples: images the pass must count in total (all processes, including
+            unreadable ones the loader skipped, its ``bad_images``); ``None`` = no check.
 
     Raises:
         ValueError: if no process saw a sample.
@@ -94,20 +95,20 @@ def evaluate(
             seen += labels.shape[0]
     finally:
         model.train(was_training)
-    totals = torch.stack(
-        [loss_sum.cpu(), *(torch.tensor(v, dtype=torch.float64) for v in (*correct, seen))]
-    )
+    skipped = len(getattr(loader, "bad_images", ()))  # unreadable images the loader skipped
+    counts = (*correct, seen, skipped)
+    totals = torch.stack([loss_sum.cpu(), *(torch.tensor(float(v)) for v in counts)])
     if reduce is not None:
         totals = reduce(totals)
-    loss_total, hits1, hits5, count = totals.tolist()
+    loss_total, hits1, hits5, count, bad = totals.tolist()
     seen = int(count)
     seconds = time.perf_counter() - start
     if seen == 0:
         raise ValueError("the evaluation loader yielded no sample")
-    if expected_samples is not None and seen != expected_samples:
+    if expected_samples is not None and seen + int(bad) != expected_samples:
         raise RuntimeError(
-            f"evaluation counted {seen} images, the test set has {expected_samples}: the "
-            f"processes' evaluation shards do not partition the test set"
+            f"evaluation counted {seen} images and {int(bad)} skipped, the test set has "
+            f"{expected_samples}: the processes' evaluation shards do not partition the test set"
         )
     return EvalResult(
         loss=loss_total / seen,

@@ -246,20 +246,10 @@ class _Run(RunSession):
                     tick = time.perf_counter()  # checkpoint writing is not training time
                 if stop:
                     break
-        self._warn_bad_images()
         if s.step != self.iters_per_epoch and not stop:
             raise RuntimeError(
                 f"the training loader yielded {s.step} batches, its len() is {self.iters_per_epoch}"
             )
-
-    def _warn_bad_images(self) -> None:
-        paths = list(getattr(self.train_loader, "bad_images", ()))
-        if paths:  # from every rank: each names the files it skipped
-            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-            logger.warning(
-                "rank %d skipped %d unreadable training image(s) in epoch %d: %s",
-                self.ctx.rank, len(paths), self.state.epoch + 1, shown,
-            )  # fmt: skip
 
     def _evaluate(self) -> tuple[EvalResult, EvalResult | None]:
         """Test metrics of the model and of its EMA, summed over the processes' shards."""
