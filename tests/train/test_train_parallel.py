@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cenet.models import list_models, register_model
+from cenet.models import registry
 from cenet.train import TrainConfig, load_checkpoint, parallel, resume_training, train
 from cenet.train import loop as loop_mod
 from cenet.train.parallel import (
@@ -38,12 +38,15 @@ class LinearProbe(nn.Module):
         return self.fc(x.flatten(1))
 
 
-if "_test_linear_probe" not in list_models():
+@pytest.fixture
+def linear_probe(monkeypatch) -> str:
+    """``_test_linear_probe`` in the model registry for the duration of a test."""
 
     def _test_linear_probe(*, num_classes: int = 10) -> nn.Module:
         return LinearProbe(num_classes)
 
-    register_model(_test_linear_probe)
+    monkeypatch.setitem(registry._MODELS, "_test_linear_probe", _test_linear_probe)
+    return "_test_linear_probe"
 
 
 def tiny_cfg(data: Path, out: Path, **changes) -> TrainConfig:
@@ -123,12 +126,14 @@ def test_one_step_with_two_micro_batches_equals_one_batch() -> None:
     assert loss2 == pytest.approx(loss1, rel=1e-6)
 
 
-def test_accumulation_equals_the_whole_batch_over_a_run(tiny_cifar_dir: Path, tmp_path) -> None:
+def test_accumulation_equals_the_whole_batch_over_a_run(
+    tiny_cifar_dir: Path, tmp_path, linear_probe
+) -> None:
     """W=1, A=2 against A=1 with a model without batch statistics: the same weights up to
     rounding (observed max relative difference 2.2e-7; asserted 1e-5) and the same losses."""
     runs = {}
     for accum in (1, 2):
-        cfg = tiny_cfg(tiny_cifar_dir, tmp_path / f"a{accum}", model="_test_linear_probe",
+        cfg = tiny_cfg(tiny_cifar_dir, tmp_path / f"a{accum}", model=linear_probe,
                        epochs=2, lr=0.01, grad_accum_steps=accum)  # fmt: skip
         runs[accum] = train(cfg, progress=False)
     a, b = load_checkpoint(tmp_path / "a2"), load_checkpoint(tmp_path / "a1")
