@@ -59,6 +59,8 @@ class TrainConfig:
             images per step and splits them into ``grad_accum_steps`` micro-batches.
         grad_accum_steps: micro-batches whose gradients are summed before each optimizer step,
             so fewer devices keep a recipe's global batch; must divide the per-process batch.
+            Micro-batch ``a`` of a process is its images ``a::grad_accum_steps``, so runs
+            with equal ``processes x grad_accum_steps`` see the same micro-batches.
         eval_batch_size: test batch size; ``None`` = ``batch_size``.
         epochs: number of passes over the training set.
         lr: peak learning rate (after warm-up).
@@ -79,7 +81,8 @@ class TrainConfig:
         warmup_start_factor: LR multiplier at the first warm-up iteration, in (0, 1].
         label_smoothing: of :class:`torch.nn.CrossEntropyLoss`, in [0, 1).
         seed: seed of the weights' initialisation, dropout and of the data order/augmentation.
-        threads: ``torch.set_num_threads``; ``None`` = ``os.cpu_count()``.
+        threads: ``torch.set_num_threads`` of each process; ``None`` = ``os.cpu_count()``
+            divided by the processes on the node (``LOCAL_WORLD_SIZE`` under ``torchrun``).
         deterministic: call ``torch.use_deterministic_algorithms(True)``.
         keep_freed_memory: keep freed activation memory in the process (glibc ``mallopt``,
             see :mod:`cenet.train.allocator`); changes speed only, never results.
@@ -99,20 +102,27 @@ class TrainConfig:
             process uses ``cuda:LOCAL_RANK``.
         log_interval: iterations between progress-bar updates (and progress lines when the
             output is not a terminal).
-        amp: mixed precision: ``"bf16"`` or ``"fp16"`` (``torch.autocast``; a GradScaler for
-            fp16), ``None`` = float32. CE statistics and the Newton iteration stay float32.
-        compile: ``torch.compile`` the model (after DDP wrapping, as the PyTorch DDP docs
-            advise, so that DDPOptimizer splits graphs at bucket boundaries).
+        amp: mixed precision: ``"bf16"`` or ``"fp16"`` (``torch.autocast`` around forward and
+            loss; fp16 with a ``torch.amp.GradScaler`` on every device, the CPU included),
+            ``None`` = float32. CE statistics and the Newton iteration stay float32; weights,
+            optimizer and evaluation are float32.
+        compile: ``torch.compile`` the model for training (after DDP wrapping, as the
+            PyTorch DDP docs advise, so that DDPOptimizer splits graphs at bucket boundaries;
+            the issue proposed compiling first); evaluation runs the module eagerly.
         model_ema_decay: keep an exponential moving average of the weights and buffers with
             this decay in (0, 1) and evaluate it beside the model; ``None`` = no EMA.
         sync_ce: in distributed training, synchronize CE/BD/IR batch statistics across
             processes (:func:`cenet.convert_sync_ce`).
-        sync_bn: in distributed training, convert BatchNorm to ``torch.nn.SyncBatchNorm``.
+        sync_bn: in distributed training, convert BatchNorm to ``torch.nn.SyncBatchNorm``;
+            CUDA only (torch's SyncBatchNorm refuses CPU modules in DDP: a ValueError at
+            start-up suggests ``sync_ce``). Both are no-ops for a single process.
         dist_backend: ``torch.distributed`` backend; ``None`` = NCCL on CUDA, gloo on CPU.
         skip_bad_images: skip (and count in the log) images that cannot be read or decoded;
             ``False`` = stop with an error naming the file.
         max_steps: stop after this many optimizer steps in total (the schedule still spans
             ``epochs``), evaluate and checkpoint; for smoke tests of a recipe. ``None`` = off.
+            A stop within an epoch writes a ``metrics.jsonl`` record with ``"partial": true``
+            and its ``step``; a resumed run continues to ``max_steps`` (which may change).
     """
 
     model: str = "cifar_resnet20_ce"
