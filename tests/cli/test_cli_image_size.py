@@ -8,8 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-import cenet.train.session as session
 import cenet.train.runtime as runtime
+import cenet.train.session as session
 from cenet.cli.main import main
 from cenet.cli.train import positive_int
 
