@@ -10,8 +10,9 @@ bytes and the median time of that all-reduce; the backward all-reduces a vector 
 size once more. Then it times a DDP training step (forward, backward, SGD) of the model with
 per-process CE (native operator where the kernels are loaded, and the reference path) and
 with SyncCE (always the reference path, since the native operator computes per-process
-statistics), so the cost of the all-reduces and their share in the step can be read off. Nothing is asserted: the figures depend on the machine and its load.
-The header names the CPU and its capability.
+statistics), so the cost of the all-reduces and their share in the step can be read off.
+Nothing is asserted: the figures depend on the machine and its load. The header names the
+CPU and its capability.
 """
 
 from __future__ import annotations

@@ -162,3 +162,9 @@ def test_real_ce_model_trains_and_evaluates(tiny_cifar_dir, tmp_path, capsys) ->
     capsys.readouterr()
     assert main(["-q", "eval", "--checkpoint", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(record["test_top1"])
+
+
+def test_eval_ema_of_a_run_without_ema_is_a_clear_error(smoke_run, capsys) -> None:
+    out = smoke_run[0]
+    assert main(["-q", "eval", "--checkpoint", str(out / "last.pt"), "--ema"]) == 2
+    assert "no EMA weights" in capsys.readouterr().err

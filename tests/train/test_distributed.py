@@ -132,6 +132,10 @@ def test_all_reduced_evaluation_equals_single_process_evaluation(full_run, capsy
     result = evaluate(model, loader, device=dev)
     assert result.top1 == pytest.approx(last["test_top1_ema"], abs=1e-9)
     assert result.loss == pytest.approx(last["test_loss_ema"], rel=1e-6)
+    # the same through the command line's --ema
+    assert main(["-q", "eval", "--checkpoint", str(out / "last.pt"), "--ema", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["weights"] == "ema" and got["loss"] == pytest.approx(result.loss, rel=1e-9)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -258,8 +262,9 @@ def test_an_error_of_rank_0_in_set_up_ends_every_process(tmp_path, jpeg_folder, 
     start = time.perf_counter()
     proc = run(torchrun("train", *recipe(jpeg_folder), "--out", out), cli_env, timeout=120)
     assert proc.returncode != 0 and time.perf_counter() - start < 60
-    message = f"cenet train: error: run directory {out} is not empty"
-    assert proc.stderr.count(message) == 2  # rank 0's own error, and rank 1's copy of it
+    for rank in (0, 1):  # rank 0's own error, and rank 1's copy of it, each labelled
+        message = f"cenet train [rank {rank}/2]: error: run directory {out} is not empty"
+        assert proc.stderr.count(message) == 1
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

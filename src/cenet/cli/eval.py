@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="evaluation batch size")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the stored one)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the stored ones)")
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the EMA weights of a run trained with --model-ema")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
 
@@ -41,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         threads=args.threads,
+        weights="ema" if args.ema else "model",
     )
     cfg = meta["config"]
     if args.json:
         out = {
             "checkpoint": str(args.checkpoint),
             "model": cfg["model"],
+            "weights": "ema" if args.ema else "model",
             "dataset": cfg["dataset"],
             "epoch": meta["epoch"],
             "global_step": meta["global_step"],
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out))
         return 0
-    print(f"checkpoint: {args.checkpoint} ({cfg['model']}, epoch {meta['epoch']})")
+    ema = ", EMA weights" if args.ema else ""
+    print(f"checkpoint: {args.checkpoint} ({cfg['model']}{ema}, epoch {meta['epoch']})")
     print(
         f"test loss {result.loss:.4f}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
         f"({result.num_samples} images, {result.images_per_s:.0f} images/s)"

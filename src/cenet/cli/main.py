@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 import cenet
 from cenet.cli import analyze as analyze_cmd
+from cenet.cli import bench as bench_cmd
 from cenet.cli import compare as compare_cmd
 from cenet.cli import eval as eval_cmd
+from cenet.cli import export as export_cmd
 from cenet.cli import info as info_cmd
 from cenet.cli import listing
 from cenet.cli import train as train_cmd
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub)
     analyze_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     listing.add_parsers(sub)
     info_cmd.add_parser(sub)
     return parser
@@ -52,6 +57,12 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.propagate = False
 
 
+def _rank_tag() -> str:
+    """`` [rank R/W]`` under torchrun with several processes (each prints its own error)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" [rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "1") else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cenet`` command with ``argv`` (default ``sys.argv[1:]``).
 
@@ -65,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        print(f"cenet {args.command}: error: {err}", file=sys.stderr)
+        print(f"cenet {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cenet: interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The tensor maths of inference fusion: fold an eval-time affine channel map into the
-convolution before it (pure functions, no modules; the module pass is :mod:`cenet.deploy.fused_model`).
+convolution before it (pure functions, no modules; the module pass is
+:mod:`cenet.deploy.fused_model`).
 
 An eval-time BatchNorm, BD branch (CE paper §3.1: "BD can be merged into the convolutional
 layers"; appendix E), IterNorm or DBN is the same kind of map on the conv's output y:

@@ -120,14 +120,36 @@ def evaluate(
     )
 
 
+def checkpoint_weights(ckpt: dict[str, Any], weights: str = "model") -> dict[str, Any]:
+    """The state dict of the network in a checkpoint: ``"model"``, or ``"ema"`` for the EMA
+    weights and buffers a run with ``model_ema_decay`` keeps (``AveragedModel``'s ``module.``
+    prefix removed).
+
+    Raises:
+        ValueError: for another ``weights`` value.
+        CheckpointError: for ``"ema"`` when the checkpoint holds no EMA.
+    """
+    if weights == "model":
+        return ckpt["model"]
+    if weights != "ema":
+        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+    if "model_ema" not in ckpt:
+        raise CheckpointError(
+            "the checkpoint holds no EMA weights: train with --model-ema DECAY to keep them"
+        )
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in ckpt["model_ema"].items() if k.startswith(prefix)}
+
+
 def load_for_eval(
-    path: str | os.PathLike[str], **changes: Any
+    path: str | os.PathLike[str], *, weights: str = "model", **changes: Any
 ) -> tuple[nn.Module, Any, TrainConfig, dict[str, Any], torch.device]:
     """Rebuild the model of a checkpoint from its stored config, load its weights, and build
     the test loader of that config's data set.
 
     Args:
         path: a checkpoint file.
+        weights: ``"model"`` or ``"ema"`` (:func:`checkpoint_weights`).
         **changes: config values overriding the stored ones (``data``, ``eval_batch_size``,
             ``device``, ``threads``); ``None`` values are ignored.
 
@@ -146,11 +168,12 @@ def load_for_eval(
         cfg = config_from_dict({**ckpt["config"], **changes}, source=f"{path} config")
     except ValueError as err:
         raise CheckpointError(f"{path}: stored config is not valid: {err}") from None
+    state = checkpoint_weights(ckpt, weights)
     dev = setup_torch(cfg)
     _, test_loader, info = build_data(cfg)
     model = build_model(cfg, cfg.num_classes or info.num_classes)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit model {cfg.model!r}: {err}") from None
     return to_device(model, dev, cfg.channels_last), test_loader, cfg, ckpt, dev
@@ -163,12 +186,14 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str | None = None,
     threads: int | None = None,
+    weights: str = "model",
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Rebuild the model from the config stored in a checkpoint, load its weights and evaluate
     it on the test set of that config's data set.
 
     Args:
         path: a checkpoint file (``last.pt``, ``best.pt``) or a run directory.
+        weights: ``"model"``, or ``"ema"`` for the EMA weights (runs with ``--model-ema``).
         data: data path overriding the stored one.
         batch_size: test batch size overriding the stored ``eval_batch_size``.
         device: device overriding the stored one.
@@ -185,7 +210,7 @@ def evaluate_checkpoint(
         ValueError: for invalid overrides.
     """
     changes = {"data": data, "eval_batch_size": batch_size, "device": device, "threads": threads}
-    model, test_loader, cfg, ckpt, dev = load_for_eval(path, **changes)
+    model, test_loader, cfg, ckpt, dev = load_for_eval(path, weights=weights, **changes)
     result = evaluate(model, test_loader, device=dev, channels_last=cfg.channels_last)
     logger.info(
         "eval %s: loss %.4f top-1 %.2f%% top-5 %.2f%% (%d images, %.0f img/s)",
