@@ -92,6 +92,29 @@ def test_eval_matches_the_reference(native_isa, dtype, layout, mode, shape, grou
     assert not native.uses_native(x)  # grad enabled: the op has no autograd formula
 
 
+@pytest.mark.parametrize(("shape", "group_size"), [
+    ((2, 64, 48, 40), 64),  # the stem's group, 1920 positions: two chunks of the NHWC kernel
+    ((1, 64, 7, 9), 32),
+    ((3, 24, 5, 4), 8),
+    ((2, 30, 3, 3), 6),  # a group narrower than a vector and not a power of two
+    ((3, 96, 1, 1), 16),
+])
+def test_channels_last_eval_kernel_matches_the_reference(native_isa, shape, group_size):
+    """The channels-last eval kernel (no layout copy) for group sizes with and without a
+    compile-time tile, several position chunks, batch 1 and 1x1 maps."""
+    torch.manual_seed(1)
+    for dtype in (torch.float64, torch.float32):
+        native = ChannelEquilibrium(shape[1], group_size=group_size).to(dtype)
+        native(make_input(shape, dtype, seed=5))
+        native.eval()
+        x = make_input(shape, dtype, "nhwc", seed=7)
+        with torch.no_grad():
+            assert native.uses_native(x)
+            y = native(x)
+        torch.testing.assert_close(y, reference(native, x), **TOL[dtype])
+        assert in_layout(y, "nhwc") or shape[2] * shape[3] == 1
+
+
 def test_gradcheck_through_the_native_operator(native_isa):
     native, _ = make_pair(8, 4, torch.float64)
     x = make_input((3, 8, 3, 3), torch.float64).requires_grad_()

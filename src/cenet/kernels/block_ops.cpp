@@ -19,6 +19,7 @@
 //       scale (1), g, out): the eval-mode CE block, out_n = (W + Diag(d_n)) X_n with the IR
 //       weights d_n computed from X_n on the way (variances, the gate of ir_gate in
 //       cenet_kernels.h), a few samples per task
+//   ce_eval_nhwc(X (N,M,C), ... as ce_eval): the same on a channels-last map, no layout copy
 //   linear_rows(A (S,K), W (R,K), out (S,R)): out = A W^T, the gate's layers (dot products)
 //
 // Products whose output is half the last-level cache or more (at least 12 MiB) write it with
@@ -1042,6 +1043,189 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
         product(n, j, dall.data() + n * c_dim, c * kChunk, std::min(m, (c + 1) * kChunk));
       }
       if (stream) stream_fence();
+    });
+  });
+}
+
+namespace {
+
+// y_p = A x_p for `count` positions of one channel group of a channels-last map: x_p and y_p
+// are g-element slices at stride c_dim; at holds A^T row-major (column k of A at at + k * g).
+// G = g fixed at compile time and a multiple of the vector width: the G / L output vectors
+// accumulate in registers, the columns come from L1.
+template <typename T, int G>
+void nhwc_group_rows(const T* at, const T* x, T* y, int64_t c_dim, int64_t count) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  constexpr int B = G / L;
+  V col[G * B];  // the columns of A, in registers for g = L (16 floats with AVX-512)
+  for (int i = 0; i < G * B; ++i) col[i] = load<T>(at + i * L);
+  constexpr int P = 4;  // positions at once: independent accumulator chains (8: slower)
+  int64_t p = 0;
+  for (; p + P <= count; p += P) {
+    const T* xp = x + p * c_dim;
+    V acc[P][B];
+    for (int i = 0; i < P; ++i)
+      for (int b = 0; b < B; ++b) acc[i][b] = col[b] * xp[i * c_dim];
+    for (int k = 1; k < G; ++k)
+      for (int i = 0; i < P; ++i) {
+        const T xk = xp[i * c_dim + k];
+        for (int b = 0; b < B; ++b) acc[i][b] += col[k * B + b] * xk;
+      }
+    for (int i = 0; i < P; ++i)
+      for (int b = 0; b < B; ++b) store<T>(y + (p + i) * c_dim + b * L, acc[i][b]);
+  }
+  for (; p < count; ++p) {
+    const T* xp = x + p * c_dim;
+    V acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = col[b] * xp[0];
+    for (int k = 1; k < G; ++k) {
+      const T xk = xp[k];
+      for (int b = 0; b < B; ++b) acc[b] += col[k * B + b] * xk;
+    }
+    for (int b = 0; b < B; ++b) store<T>(y + p * c_dim + b * L, acc[b]);
+  }
+}
+
+// The same for any g (vectors of up to L output lanes, the last one partial).
+template <typename T>
+void nhwc_group_rows_any(const T* at, int64_t g, const T* x, T* y, int64_t c_dim,
+                         int64_t count) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  for (int64_t p = 0; p < count; ++p) {
+    const T* xp = x + p * c_dim;
+    for (int64_t o = 0; o < g; o += L) {
+      const int64_t lanes = std::min<int64_t>(L, g - o);
+      V acc = splat<T>(0);
+      for (int64_t k = 0; k < g; ++k) acc += load_partial<T>(at + k * g + o, lanes) * xp[k];
+      store_partial<T>(y + p * c_dim + o, acc, lanes);
+    }
+  }
+}
+
+template <typename T>
+void nhwc_group_apply(const T* at, int64_t g, const T* x, T* y, int64_t c_dim, int64_t count) {
+  constexpr int L = Vec<T>::kLanes;
+  if (g == 16 && 16 % L == 0) return nhwc_group_rows<T, (16 % L == 0 ? 16 : L)>(at, x, y, c_dim, count);
+  if (g == 32 && 32 % L == 0) return nhwc_group_rows<T, (32 % L == 0 ? 32 : L)>(at, x, y, c_dim, count);
+  if (g == 64 && 64 % L == 0) return nhwc_group_rows<T, (64 % L == 0 ? 64 : L)>(at, x, y, c_dim, count);
+  if (g == 8 && 8 % L == 0) return nhwc_group_rows<T, (8 % L == 0 ? 8 : L)>(at, x, y, c_dim, count);
+  nhwc_group_rows_any<T>(at, g, x, y, c_dim, count);
+}
+
+}  // namespace
+
+// The eval-mode CE block on a channels-last map X (N,M,C) (M = H*W positions, channels
+// contiguous): out_n = X_n (W + Diag(d_n))^T, i.e. (W + Diag(d_n)) x_p at every position p, as
+// ce_eval computes it on NCHW maps, without a layout copy. Positions in chunks of about 256 KiB
+// (sample, chunk) are the tasks: first the per-channel sums and sums of squares of each chunk
+// (float within a chunk, double across chunks), then the gates of all samples, then the
+// products, one channel group at a time within a chunk so that its matrix stays in L1.
+void ce_eval_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
+                  const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps,
+                  const at::Tensor& fc2, const at::Tensor& scale_t, int64_t group_size,
+                  at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "ce_eval_nhwc: expected a contiguous X (N,M,C), got ",
+              x.sizes());
+  TORCH_CHECK(scale_t.numel() == 1, "ce_eval_nhwc: expected a one-element scale");
+  const double scale = scale_t.item<double>();
+  const int64_t n_dim = x.size(0), m = x.size(1), c_dim = x.size(2), g = group_size;
+  TORCH_CHECK(fc1.dim() == 2 && fc1.size(1) == c_dim, "ce_eval_nhwc: expected fc1 (Hd,C), got ",
+              fc1.sizes());
+  const int64_t hd = fc1.size(0);
+  const bool has_w = w.numel() > 0;
+  TORCH_CHECK(g > 0 && g <= kMaxGroup && c_dim % g == 0, "ce_eval_nhwc: group size ", g,
+              " must divide C = ", c_dim, " and be at most ", kMaxGroup);
+  TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
+                         w.size(2) == g),
+              "ce_eval_nhwc: expected W (C/g, g, g), got ", w.sizes());
+  TORCH_CHECK(fc2.dim() == 2 && fc2.size(0) == c_dim && fc2.size(1) == hd &&
+                  ln_w.numel() == hd && ln_b.numel() == hd,
+              "ce_eval_nhwc: expected fc2 (C,Hd) and LayerNorm weights (Hd)");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &fc1, &ln_w, &ln_b,
+                                                                       &fc2, &out})
+    TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(),
+                "ce_eval_nhwc: dtypes differ");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes(),
+              "ce_eval_nhwc: out must be contiguous and of X's shape");
+  if (x.numel() == 0) return;
+  auto wc = w.contiguous();
+  auto f1 = fc1.contiguous(), f2 = fc2.contiguous();
+  auto lw = ln_w.contiguous(), lb = ln_b.contiguous();
+  const int64_t groups = c_dim / g;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ce_eval_nhwc", [&] {
+    using T = scalar_t;
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::kLanes;
+    const T* xp = x.data_ptr<T>();
+    const T* wp = has_w ? wc.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    const int64_t row_bytes = c_dim * int64_t(sizeof(T));
+    const int64_t chunk = std::clamp<int64_t>((int64_t(256) << 10) / row_bytes, 8, 1024);
+    const int64_t chunks = (m + chunk - 1) / chunk;
+    // per (sample, chunk): sums and sums of squares of every channel, in double
+    std::vector<double> part(n_dim * chunks * 2 * c_dim);
+    at::parallel_for(0, n_dim * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(2 * c_dim);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(m, p0 + chunk);
+        T *s = acc.data(), *q = s + c_dim;
+        const T* base = xp + (n * m + p0) * c_dim;
+        constexpr int CB = 4;  // channel vectors per sweep: 2 x CB accumulators in registers
+        int64_t c = 0;
+        for (; c + CB * L <= c_dim; c += CB * L) {
+          V vs[CB] = {}, vq[CB] = {};
+          for (int64_t p = 0; p < p1 - p0; ++p)
+            for (int b = 0; b < CB; ++b) {
+              const V v = load<T>(base + p * c_dim + c + b * L);
+              vs[b] += v;
+              vq[b] += v * v;
+            }
+          for (int b = 0; b < CB; ++b) {
+            store<T>(s + c + b * L, vs[b]);
+            store<T>(q + c + b * L, vq[b]);
+          }
+        }
+        for (; c < c_dim; ++c) {
+          T cs = 0, cq = 0;
+          for (int64_t p = 0; p < p1 - p0; ++p) {
+            const T v = base[p * c_dim + c];
+            cs += v;
+            cq += v * v;
+          }
+          s[c] = cs;
+          q[c] = cq;
+        }
+        double* dst = part.data() + t * 2 * c_dim;
+        for (int64_t c = 0; c < 2 * c_dim; ++c) dst[c] = double(acc[c]);
+      }
+    });
+    std::vector<T> var(n_dim * c_dim), d(n_dim * c_dim), hid(n_dim * hd);
+    for (int64_t n = 0; n < n_dim; ++n)
+      for (int64_t c = 0; c < c_dim; ++c) {
+        double s = 0, q = 0;
+        for (int64_t k = 0; k < chunks; ++k) {
+          const double* src = part.data() + (n * chunks + k) * 2 * c_dim;
+          s += src[c];
+          q += src[c_dim + c];
+        }
+        const double mean = s / double(m);
+        var[n * c_dim + c] = T(std::max(q / double(m) - mean * mean, 0.0));
+      }
+    ir_gate<T>(var.data(), n_dim, c_dim, f1.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
+               T(ln_eps), f2.data_ptr<T>(), hd, T(scale), hid.data(), d.data());
+    at::parallel_for(0, n_dim * chunks, 1, [&](int64_t begin, int64_t end) {
+      T at_buf[kMaxGroup * kMaxGroup];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(m, p0 + chunk);
+        for (int64_t j = 0; j < groups; ++j) {
+          build_group_matrix<T>(at_buf, g, wp ? wp + j * g * g : nullptr, true,
+                                d.data() + n * c_dim + j * g, g);
+          const int64_t off = (n * m + p0) * c_dim + j * g;
+          nhwc_group_apply<T>(at_buf, g, xp + off, op + off, c_dim, p1 - p0);
+        }
+      }
     });
   });
 }

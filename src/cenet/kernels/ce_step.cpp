@@ -15,7 +15,8 @@
 //       S = (dΣ + dΣᵀ) / (N M)
 //
 // This file registers the public ops of one build, torch.ops.<CENET_NS>.*:
-//   ce_step, ce_step_backward (above), ce_eval and stream_threshold (block_ops.cpp).
+//   ce_step, ce_step_backward (above), ce_eval, ce_eval_nhwc and stream_threshold
+//   (block_ops.cpp).
 
 #include "cenet_kernels.h"
 
@@ -98,6 +99,9 @@ CENET_TORCH_LIBRARY(CENET_NS, lib) {
   lib.def(
       "ce_eval(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor fc2,"
       " Tensor scale, int group_size, Tensor(a!) out) -> ()");
+  lib.def(
+      "ce_eval_nhwc(Tensor x, Tensor w, Tensor fc1, Tensor ln_w, Tensor ln_b, float ln_eps,"
+      " Tensor fc2, Tensor scale, int group_size, Tensor(a!) out) -> ()");
   lib.def("stream_threshold(int bytes) -> int", &CENET_NS::stream_threshold);
 }
 
@@ -105,4 +109,5 @@ CENET_TORCH_LIBRARY_IMPL(CENET_NS, CPU, lib) {
   lib.impl("ce_step", &CENET_NS::ce_step);
   lib.impl("ce_step_backward", &CENET_NS::ce_step_backward);
   lib.impl("ce_eval", &CENET_NS::ce_eval);
+  lib.impl("ce_eval_nhwc", &CENET_NS::ce_eval_nhwc);
 }

@@ -70,6 +70,12 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
              const at::Tensor& fc2, const at::Tensor& scale, int64_t group_size,
              at::Tensor& out);
 
+// The same on a channels-last map: X and out (N,M,C) contiguous, M = H*W.
+void ce_eval_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
+                  const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps,
+                  const at::Tensor& fc2, const at::Tensor& scale, int64_t group_size,
+                  at::Tensor& out);
+
 // out (S,R) = A (S,K) W^T, W (R,K) row-major (nn.Linear's layout, F.linear without bias):
 // out[s][r] = A_s . W_r, dot products in register tiles of W's rows x samples, split over W's
 // rows across threads outside a parallel region (block_ops.cpp; float and double).

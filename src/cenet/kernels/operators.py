@@ -124,10 +124,17 @@ _ce_train_op.register_autograd(_train_backward, setup_context=_setup_train)
 def _ce_eval_op(x: Tensor, wm: Tensor | None, fc1: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                 fc2: Tensor, scale: Tensor, group_size: int, ln_eps: float) -> Tensor:
     n, c, h, w = x.shape
+    wm = x.new_empty(0) if wm is None else wm
+    if _layout(x) == torch.channels_last:  # the NHWC kernel: no layout copy either way
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        kernels.ops().ce_eval_nhwc(x.permute(0, 2, 3, 1).view(n, h * w, c), wm, fc1, ln_weight,
+                                   ln_bias, ln_eps, fc2, scale, group_size,
+                                   out.permute(0, 2, 3, 1).view(n, h * w, c))
+        return out
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    kernels.ops().ce_eval(x.contiguous().view(n, c, h * w), x.new_empty(0) if wm is None else wm,
-                          fc1, ln_weight, ln_bias, ln_eps, fc2, scale, group_size, out)
-    return out.contiguous(memory_format=_layout(x))
+    kernels.ops().ce_eval(x.contiguous().view(n, c, h * w), wm, fc1, ln_weight, ln_bias, ln_eps,
+                          fc2, scale, group_size, out)
+    return out
 
 
 @_ce_eval_op.register_fake
