@@ -1049,69 +1049,83 @@ void ce_eval(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
 
 namespace {
 
-// y_p = A x_p for `count` positions of one channel group of a channels-last map: x_p and y_p
-// are g-element slices at stride c_dim; at holds A^T row-major (column k of A at at + k * g).
-// G = g fixed at compile time and a multiple of the vector width: the G / L output vectors
-// accumulate in registers, the columns come from L1.
+// y_p = blockdiag(A_0 .. A_{groups-1}) x_p for `count` consecutive positions of a channels-last
+// map (rows of c_dim = groups * G elements). at holds every A_j^T row-major, one after the
+// other (column k of A_j at at + (j * G + k) * G). Positions go in blocks of P, and for each
+// block every group in turn, so the rows are read in order (the prefetcher streams them) while
+// the matrices, C * G elements, stay in L1/L2; P independent accumulator chains per column.
+// G fixed at compile time, a multiple of the vector width.
 template <typename T, int G>
-void nhwc_group_rows(const T* at, const T* x, T* y, int64_t c_dim, int64_t count) {
+void nhwc_rows(const T* at, int64_t groups, const T* x, T* y, int64_t c_dim, int64_t count) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
   constexpr int B = G / L;
-  V col[G * B];  // the columns of A, in registers for g = L (16 floats with AVX-512)
-  for (int i = 0; i < G * B; ++i) col[i] = load<T>(at + i * L);
-  constexpr int P = 4;  // positions at once: independent accumulator chains (8: slower)
+  constexpr int P = 4;
   int64_t p = 0;
   for (; p + P <= count; p += P) {
-    const T* xp = x + p * c_dim;
-    V acc[P][B];
-    for (int i = 0; i < P; ++i)
-      for (int b = 0; b < B; ++b) acc[i][b] = col[b] * xp[i * c_dim];
-    for (int k = 1; k < G; ++k)
-      for (int i = 0; i < P; ++i) {
-        const T xk = xp[i * c_dim + k];
-        for (int b = 0; b < B; ++b) acc[i][b] += col[k * B + b] * xk;
+    for (int64_t j = 0; j < groups; ++j) {
+      const T* a = at + j * G * G;
+      const T* xp = x + p * c_dim + j * G;
+      V acc[P][B];
+      for (int i = 0; i < P; ++i)
+        for (int b = 0; b < B; ++b) acc[i][b] = load<T>(a + b * L) * xp[i * c_dim];
+      for (int k = 1; k < G; ++k) {
+        V col[B];
+        for (int b = 0; b < B; ++b) col[b] = load<T>(a + k * G + b * L);
+        for (int i = 0; i < P; ++i) {
+          const T xk = xp[i * c_dim + k];
+          for (int b = 0; b < B; ++b) acc[i][b] += col[b] * xk;
+        }
       }
-    for (int i = 0; i < P; ++i)
-      for (int b = 0; b < B; ++b) store<T>(y + (p + i) * c_dim + b * L, acc[i][b]);
-  }
-  for (; p < count; ++p) {
-    const T* xp = x + p * c_dim;
-    V acc[B];
-    for (int b = 0; b < B; ++b) acc[b] = col[b] * xp[0];
-    for (int k = 1; k < G; ++k) {
-      const T xk = xp[k];
-      for (int b = 0; b < B; ++b) acc[b] += col[k * B + b] * xk;
+      T* yp = y + p * c_dim + j * G;
+      for (int i = 0; i < P; ++i)
+        for (int b = 0; b < B; ++b) store<T>(yp + i * c_dim + b * L, acc[i][b]);
     }
-    for (int b = 0; b < B; ++b) store<T>(y + p * c_dim + b * L, acc[b]);
   }
+  for (; p < count; ++p)
+    for (int64_t j = 0; j < groups; ++j) {
+      const T* a = at + j * G * G;
+      const T* xp = x + p * c_dim + j * G;
+      V acc[B];
+      for (int b = 0; b < B; ++b) acc[b] = load<T>(a + b * L) * xp[0];
+      for (int k = 1; k < G; ++k)
+        for (int b = 0; b < B; ++b) acc[b] += load<T>(a + k * G + b * L) * xp[k];
+      for (int b = 0; b < B; ++b) store<T>(y + p * c_dim + j * G + b * L, acc[b]);
+    }
 }
 
 // The same for any g (vectors of up to L output lanes, the last one partial).
 template <typename T>
-void nhwc_group_rows_any(const T* at, int64_t g, const T* x, T* y, int64_t c_dim,
-                         int64_t count) {
+void nhwc_rows_any(const T* at, int64_t g, int64_t groups, const T* x, T* y, int64_t c_dim,
+                   int64_t count) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
-  for (int64_t p = 0; p < count; ++p) {
-    const T* xp = x + p * c_dim;
-    for (int64_t o = 0; o < g; o += L) {
-      const int64_t lanes = std::min<int64_t>(L, g - o);
-      V acc = splat<T>(0);
-      for (int64_t k = 0; k < g; ++k) acc += load_partial<T>(at + k * g + o, lanes) * xp[k];
-      store_partial<T>(y + p * c_dim + o, acc, lanes);
+  for (int64_t p = 0; p < count; ++p)
+    for (int64_t j = 0; j < groups; ++j) {
+      const T* a = at + j * g * g;
+      const T* xp = x + p * c_dim + j * g;
+      for (int64_t o = 0; o < g; o += L) {
+        const int64_t lanes = std::min<int64_t>(L, g - o);
+        V acc = splat<T>(0);
+        for (int64_t k = 0; k < g; ++k) acc += load_partial<T>(a + k * g + o, lanes) * xp[k];
+        store_partial<T>(y + p * c_dim + j * g + o, acc, lanes);
+      }
     }
-  }
 }
 
 template <typename T>
-void nhwc_group_apply(const T* at, int64_t g, const T* x, T* y, int64_t c_dim, int64_t count) {
+void nhwc_apply(const T* at, int64_t g, int64_t groups, const T* x, T* y, int64_t c_dim,
+                int64_t count) {
   constexpr int L = Vec<T>::kLanes;
-  if (g == 16 && 16 % L == 0) return nhwc_group_rows<T, (16 % L == 0 ? 16 : L)>(at, x, y, c_dim, count);
-  if (g == 32 && 32 % L == 0) return nhwc_group_rows<T, (32 % L == 0 ? 32 : L)>(at, x, y, c_dim, count);
-  if (g == 64 && 64 % L == 0) return nhwc_group_rows<T, (64 % L == 0 ? 64 : L)>(at, x, y, c_dim, count);
-  if (g == 8 && 8 % L == 0) return nhwc_group_rows<T, (8 % L == 0 ? 8 : L)>(at, x, y, c_dim, count);
-  nhwc_group_rows_any<T>(at, g, x, y, c_dim, count);
+  if (g == 16 && 16 % L == 0)
+    return nhwc_rows<T, (16 % L == 0 ? 16 : L)>(at, groups, x, y, c_dim, count);
+  if (g == 32 && 32 % L == 0)
+    return nhwc_rows<T, (32 % L == 0 ? 32 : L)>(at, groups, x, y, c_dim, count);
+  if (g == 64 && 64 % L == 0)
+    return nhwc_rows<T, (64 % L == 0 ? 64 : L)>(at, groups, x, y, c_dim, count);
+  if (g == 8 && 8 % L == 0)
+    return nhwc_rows<T, (8 % L == 0 ? 8 : L)>(at, groups, x, y, c_dim, count);
+  nhwc_rows_any<T>(at, g, groups, x, y, c_dim, count);
 }
 
 }  // namespace
@@ -1120,8 +1134,8 @@ void nhwc_group_apply(const T* at, int64_t g, const T* x, T* y, int64_t c_dim, i
 // contiguous): out_n = X_n (W + Diag(d_n))^T, i.e. (W + Diag(d_n)) x_p at every position p, as
 // ce_eval computes it on NCHW maps, without a layout copy. Positions in chunks of about 256 KiB
 // (sample, chunk) are the tasks: first the per-channel sums and sums of squares of each chunk
-// (float within a chunk, double across chunks), then the gates of all samples, then the
-// products, one channel group at a time within a chunk so that its matrix stays in L1.
+// (float within a chunk, double across chunks), then the gates of all samples and their
+// matrices, then the products, reading each chunk's rows in order (nhwc_rows).
 void ce_eval_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc1,
                   const at::Tensor& ln_w, const at::Tensor& ln_b, double ln_eps,
                   const at::Tensor& fc2, const at::Tensor& scale_t, int64_t group_size,
@@ -1215,16 +1229,19 @@ void ce_eval_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc
       }
     ir_gate<T>(var.data(), n_dim, c_dim, f1.data_ptr<T>(), lw.data_ptr<T>(), lb.data_ptr<T>(),
                T(ln_eps), f2.data_ptr<T>(), hd, T(scale), hid.data(), d.data());
+    // (W + Diag(d_n))^T of every group of every sample: N * C * g elements
+    std::vector<T> mats(n_dim * c_dim * g);
+    for (int64_t n = 0; n < n_dim; ++n)
+      for (int64_t j = 0; j < groups; ++j)
+        build_group_matrix<T>(mats.data() + (n * groups + j) * g * g, g,
+                              wp ? wp + j * g * g : nullptr, true, d.data() + n * c_dim + j * g,
+                              g);
     at::parallel_for(0, n_dim * chunks, 1, [&](int64_t begin, int64_t end) {
-      T at_buf[kMaxGroup * kMaxGroup];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(m, p0 + chunk);
-        for (int64_t j = 0; j < groups; ++j) {
-          build_group_matrix<T>(at_buf, g, wp ? wp + j * g * g : nullptr, true,
-                                d.data() + n * c_dim + j * g, g);
-          const int64_t off = (n * m + p0) * c_dim + j * g;
-          nhwc_group_apply<T>(at_buf, g, xp + off, op + off, c_dim, p1 - p0);
-        }
+        const int64_t off = (n * m + p0) * c_dim;
+        nhwc_apply<T>(mats.data() + n * c_dim * g, g, groups, xp + off, op + off, c_dim,
+                      p1 - p0);
       }
     });
   });
