@@ -10,6 +10,7 @@ from cenet.convert import (
     convert_sync_ce,
     revert_sync_ce,
 )
+from cenet.deploy.fused_model import fuse
 from cenet.layers import ChannelEquilibrium
 from cenet.models import create_model, list_models
 
@@ -20,5 +21,5 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 
 __all__ = [
     "ChannelEquilibrium", "__version__", "ce_keys_from_model", "ce_keys_to_model", "convert_ce",
-    "convert_sync_ce", "create_model", "layers", "list_models", "models", "revert_sync_ce",
+    "convert_sync_ce", "create_model", "fuse", "layers", "list_models", "models", "revert_sync_ce",
 ]
