@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cenet.cli.argtypes import ema_decay, non_negative_int, positive_int
 from cenet.train import (
     SCHEDULES,
     TrainResult,
@@ -21,55 +22,6 @@ from cenet.train import (
 from cenet.train.config import AMP_DTYPES, dump_yaml
 from cenet.train.distributed import env_rank
 from cenet.train.rundir import resume_checkpoint_path, run_dir_of
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1.
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value, when it is not such an integer (argparse
-            then exits with status 2 and the usage).
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0.
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value, when it is not such an integer.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def ema_decay(text: str) -> float:
-    """argparse type: a number in (0, 1), the decay of the weights' moving average.
-
-    Raises:
-        argparse.ArgumentTypeError: naming the value, when it is not such a number.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a decay in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a decay in (0, 1) such as 0.9998, got {value}"
-        )
-    return value
-
 
 # (flag, config key, type, metavar, help); each sets the config key of the same name when given
 _FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
