@@ -1,5 +1,13 @@
 """Deployment: inference fusion (:func:`fuse`) and its tensor maths."""
 
+from cenet.deploy.export import (
+    export_onnx,
+    export_program,
+    load_program,
+    onnx_session,
+    parity,
+    save_program,
+)
 from cenet.deploy.fused_model import Folded, FusedModel, affine_map, fuse
 from cenet.deploy.fusion import (
     fuse_conv_affine_weights,
@@ -10,4 +18,5 @@ from cenet.deploy.fusion import (
 __all__ = [
     "Folded", "FusedModel", "affine_map", "fuse", "fuse_conv_affine_weights",
     "fuse_conv_bd_weights", "whitening_affine",
+    "export_onnx", "export_program", "load_program", "onnx_session", "parity", "save_program",
 ]
