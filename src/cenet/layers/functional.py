@@ -38,6 +38,7 @@ __all__ = [
     "inv_std_from_statistics",
     "is_channels_last",
     "newton_schulz_isqrt",
+    "no_autocast",
     "statistics_dtype",
     "trace_normalize",
     "variance_statistics",
@@ -76,10 +77,10 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast disabled on ``device`` (nothing to disable where autocast does not exist,
-    e.g. ``meta``)."""
-    if torch.amp.is_autocast_available(device.type):
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` where it is on; otherwise nothing (no autocast region
+    in a traced graph: ``torch.export`` passes over such regions slowly)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -104,7 +105,7 @@ def group_statistics(x: Tensor, group_size: int, *, pool: bool = False) -> Group
         x = F.max_pool2d(x, 2, 2)
     n, c, h, w = x.shape
     groups = c // group_size
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         xf = x.to(statistics_dtype(x.dtype))
         if is_channels_last(xf):  # (G, M, g) strided view of the NHWC storage
             rows = xf.permute(0, 2, 3, 1).reshape(n * h * w, groups, group_size).transpose(0, 1)
@@ -173,7 +174,7 @@ def newton_schulz_isqrt(cov: Tensor, num_iters: int) -> Tensor:
         raise ValueError(f"num_iters must be a positive integer, got {num_iters}")
     if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"cov must have shape (..., g, g), got {tuple(cov.shape)}")
-    with _no_autocast(cov.device):
+    with no_autocast(cov.device):
         sigma = cov.to(statistics_dtype(cov.dtype))
         eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
         p = 1.5 * eye - 0.5 * sigma  # P_1 in closed form (P_0 = I)
@@ -206,7 +207,7 @@ def instance_variance(x: Tensor) -> Tensor:
     Returns:
         (N, C) variances in :func:`statistics_dtype` of ``x``.
     """
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         xf = x.to(statistics_dtype(x.dtype))
         return torch.var_mean(xf, dim=(2, 3), correction=0)[0]
 
@@ -266,7 +267,7 @@ def instance_gate(
         (N, C) gate values in (0, 1), in ``inst_var``'s dtype.
     """
     dt = inst_var.dtype
-    with _no_autocast(inst_var.device):
+    with no_autocast(inst_var.device):
         hidden = F.linear(inst_var, fc1_weight.to(dt))
         hidden = F.layer_norm(hidden, hidden.shape[-1:], ln_weight.to(dt), ln_bias.to(dt), ln_eps)
         return torch.sigmoid(F.linear(torch.relu(hidden), fc2_weight.to(dt)))

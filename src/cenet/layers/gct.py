@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from cenet.layers._validate import check_eps, check_input, check_positive_int
+from cenet.layers.functional import no_autocast
 
 GCT_MODES = ("l2", "l1")
 GCT_NO_DECAY = ("beta", "all")
@@ -95,7 +96,7 @@ class GatedChannelTransformation(nn.Module):
 
     def gate(self, x: Tensor) -> Tensor:
         """1 + tanh(γ ŝ + β), (N, C), in ``x``'s dtype promoted to at least float32 (Eqn 4)."""
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             s_hat = self.channel_normalize(self.embedding(x))
             dtype = s_hat.dtype
             return 1 + torch.tanh(self.gamma.to(dtype) * s_hat + self.beta.to(dtype))

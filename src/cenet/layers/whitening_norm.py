@@ -28,6 +28,7 @@ from cenet.layers.functional import (
     channel_equilibrium,
     group_statistics,
     newton_schulz_isqrt,
+    no_autocast,
     trace_normalize,
 )
 
@@ -137,7 +138,7 @@ class _GroupWhiteningNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             if self.training:
                 mean, wm = self.batch_statistics(x)
             else:
