@@ -1,5 +1,6 @@
 """Deployment: inference fusion (:func:`fuse`) and its tensor maths."""
 
+from cenet.deploy.bench import BenchConfig, run_bench
 from cenet.deploy.export import (
     export_onnx,
     export_program,
@@ -16,6 +17,7 @@ from cenet.deploy.fusion import (
 )
 
 __all__ = [
+    "BenchConfig", "run_bench",
     "Folded", "FusedModel", "affine_map", "fuse", "fuse_conv_affine_weights",
     "fuse_conv_bd_weights", "whitening_affine",
     "export_onnx", "export_program", "load_program", "onnx_session", "parity", "save_program",
