@@ -9,11 +9,11 @@ Every latency is a ratio to the BN network of the same architecture run the same
 - the networks are fresh (random weights) with their running statistics calibrated by one
   training-mode forward of random images with momentum 1 (:func:`calibrate`), so that eval
   activations have the scale trained ones have rather than growing with depth;
-- each architecture's networks and backends take turns within every round (every other round
-  in reverse order), so that a change of load on a shared machine hits them alike; each runner
-  is called once when built (compilation, ONNX Runtime's first run), then ``warmup`` untimed
-  rounds, then ``repeats`` timed rounds; the latency is the median, "paired" the median of the
-  per-round ratios;
+- for each backend in turn, an architecture's networks take turns within every round (every
+  other round in reverse order), so that a change of load on a shared machine hits them
+  alike; each runner is called once when built (compilation, ONNX Runtime's first run), then
+  ``warmup`` untimed rounds, then ``repeats`` timed rounds; the latency is the median,
+  "paired" the median of the per-round ratios;
 - eval runs under ``torch.inference_mode()``, where the CE block uses its native eval operator
   ``cenet::ce_eval`` on the CPU (:func:`cenet.kernels.active_isa`);
 - multiply-adds: one 1×3×S×S image under ``torch.utils.flop_counter.FlopCounterMode``,
@@ -246,8 +246,12 @@ def _run_group(config: BenchConfig, device: torch.device, threads: int, ref: str
                 result["notes"].append(f"{name} {backend} batch {batch}: skipped ({why})")
             log.info("%s group, batch %d: %d runners, %d + %d rounds", ref, batch,
                      len(runners), config.warmup, config.repeats)
-            times = time_rounds(runners, warmup=config.warmup, repeats=config.repeats,
-                                sync=_sync(device), loads=result["header"]["round_loads"])
+            times = {}
+            for backend in backends:  # one backend at a time: no thread pool meets another
+                times.update(time_rounds(
+                    {k: fn for k, fn in runners.items() if k[1] == backend},
+                    warmup=config.warmup, repeats=config.repeats, sync=_sync(device),
+                    loads=result["header"]["round_loads"]))
             if config.profile:
                 from cenet.deploy.bench_report import profile_ops
 

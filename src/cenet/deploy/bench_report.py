@@ -134,8 +134,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- command: `{h['command']}`" if h["command"] else "- command: (API call)",
         f"- eval at {s['image_size']}×{s['image_size']}, "
         f"{'channels-last' if s['channels_last'] else 'NCHW'}, torch.inference_mode; median "
-        f"of {s['repeats']} rounds after {s['warmup']} warm-up rounds, the networks and "
-        "backends of an architecture taking turns within each round; running statistics "
+        f"of {s['repeats']} rounds after {s['warmup']} warm-up rounds, the networks of an "
+        "architecture taking turns within each round, one backend after another; running "
+        "statistics "
         + ("calibrated on one random batch" if s["calibrate"] else "as initialized")
         + ("; freed memory kept for reuse" if s.get("reuse_memory") else "; fresh memory"),
         "- eager: the eval model; compile: torch.compile (inductor) of it; fused: "
