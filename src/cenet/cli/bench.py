@@ -8,6 +8,8 @@ import argparse
 import shlex
 import sys
 
+from cenet.cli.argtypes import non_negative_int, positive_int
+
 DESCRIPTION = """\
 Measure the CE paper's Table 1 on this machine. For each architecture (default: ResNet-18/50/101,
 MobileNetV2, ShuffleNetV2 1.0x, each as BN, SE, GCT and CE where cenet registers it): parameters,
@@ -38,26 +40,6 @@ def _backends(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``bench`` sub-command to ``sub``."""
     p = sub.add_parser(
@@ -71,12 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_batch_sizes, default=(1, 32), metavar="N[,N...]",
                    help="comma-separated batch sizes (default: 1,32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch and ONNX Runtime intra-op threads (default: torch's, the cores)")
-    p.add_argument("--repeats", type=_positive, default=7, help="timed rounds (default: 7)")
-    p.add_argument("--warmup", type=_non_negative, default=2,
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed rounds (default: 7)")
+    p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed rounds before them (default: 2)")
-    p.add_argument("--image-size", type=_positive, default=224, metavar="S",
+    p.add_argument("--image-size", type=positive_int, default=224, metavar="S",
                    help="input S×S (default: 224)")
     p.add_argument("--backends", type=_backends, default=("eager", "compile", "fused", "onnx"),
                    metavar="B[,B...]", help="among eager, compile, fused, onnx (default: all)")
