@@ -17,9 +17,9 @@ multiply-adds of the eval model and of its fused copy (torch.utils.flop_counter,
 one image), and the median latency of an eval forward for each backend and batch size, each as
 a ratio to the BN network of the same architecture with the same backend. Backends: eager (the
 eval model), compile (torch.compile of it), fused (cenet.deploy.fuse), onnx (the fused model
-exported to ONNX, run by ONNX Runtime). The networks of an architecture take turns within each
-round; warm-up rounds are not timed. Prints the Markdown table and writes table1.md and
-table1.json into --out."""
+exported to ONNX, run by ONNX Runtime). One backend after another, the networks of an
+architecture take turns within each round; warm-up rounds are not timed. Prints the Markdown
+table and writes table1.md and table1.json into --out; docs/benchmarks.md has this machine's."""
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="B[,B...]", help="among eager, compile, fused, onnx (default: all)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="run the torch backends on channels-last maps (default; on a 2-core "
-                        "Xeon it made ResNet-50 eval 6-18%% faster, BN and CE alike, see "
+                        "Xeon it made ResNet-50 eval 5-18%% faster, BN and CE alike, see "
                         "docs/benchmarks.md); --no-channels-last: NCHW")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="keep the initial running statistics (default: fill them from one "
@@ -72,7 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh-memory", dest="reuse_memory", action="store_false",
                    help="do not keep freed memory for reuse (default: keep it, as training "
                         "does, so large activations are not page-faulted anew in every forward)")
-    p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
+    p.add_argument("--profile", type=non_negative_int, nargs="?", const=12, default=0,
+                   metavar="TOP",
                    help="also list the TOP operators by self CPU time (torch.profiler) of each "
                         "network's eager and fused forward at each batch size, after the "
                         "timing (default TOP: 12)")
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         image_size=args.image_size, channels_last=args.channels_last,
         calibrate=args.calibrate, reuse_memory=args.reuse_memory,
-        profile=max(0, args.profile), command=command,
+        profile=args.profile, command=command,
     )
     result = run_bench(config)
     md_path, json_path = write_outputs(result, args.out)
