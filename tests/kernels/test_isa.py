@@ -76,7 +76,7 @@ def test_kernels_build_and_load_where_a_compiler_is_found(default_env):
     assert kernels.active_isa() == kernels.default_isa() == kernels.supported_isas()[0]
     ops = kernels.ops()
     assert ops is getattr(torch.ops, f"cenet_kernels_{kernels.active_isa()}")
-    for name in ("ce_step", "ce_step_backward", "ce_eval", "stream_threshold"):
+    for name in ("ce_step", "ce_step_backward", "ce_eval", "ce_eval_nhwc", "stream_threshold"):
         assert hasattr(ops, name)
     report = kernels.info()
     assert report["kernels_active"] and report["active_isa"] == kernels.active_isa()

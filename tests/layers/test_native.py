@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cenet import kernels
 from cenet.kernels import operators
 from cenet.layers import ChannelEquilibrium
 
@@ -113,6 +114,16 @@ def test_channels_last_eval_kernel_matches_the_reference(native_isa, shape, grou
             y = native(x)
         torch.testing.assert_close(y, reference(native, x), **TOL[dtype])
         assert in_layout(y, "nhwc") or shape[2] * shape[3] == 1
+
+
+def test_channels_last_kernel_refuses_groups_without_a_tile(native_isa):
+    """Groups other than 16, 32, 64 take the NCHW kernel (the module's output is still
+    channels-last, checked above); called directly, the NHWC kernel says so."""
+    x = torch.randn(2, 9, 24)
+    fc1, fc2 = torch.randn(6, 24), torch.randn(24, 6)
+    with pytest.raises(RuntimeError, match="must be 16, 32 or 64"):
+        kernels.ops().ce_eval_nhwc(x, torch.empty(0), fc1, torch.ones(6), torch.zeros(6), 1e-5,
+                                   fc2, torch.ones(1), 8, torch.empty_like(x))
 
 
 def test_gradcheck_through_the_native_operator(native_isa):

@@ -20,6 +20,7 @@
 //       weights d_n computed from X_n on the way (variances, the gate of ir_gate in
 //       cenet_kernels.h), a few samples per task
 //   ce_eval_nhwc(X (N,M,C), ... as ce_eval): the same on a channels-last map, no layout copy
+//       (g = 16, 32 or 64)
 //   linear_rows(A (S,K), W (R,K), out (S,R)): out = A W^T, the gate's layers (dot products)
 //
 // Products whose output is half the last-level cache or more (at least 12 MiB) write it with
@@ -1059,6 +1060,7 @@ template <typename T, int G>
 void nhwc_rows(const T* at, int64_t groups, const T* x, T* y, int64_t c_dim, int64_t count) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes;
+  static_assert(G % L == 0, "nhwc_rows: G a multiple of the vector width");
   constexpr int B = G / L;
   constexpr int P = 4;
   int64_t p = 0;
@@ -1094,38 +1096,13 @@ void nhwc_rows(const T* at, int64_t groups, const T* x, T* y, int64_t c_dim, int
     }
 }
 
-// The same for any g (vectors of up to L output lanes, the last one partial).
-template <typename T>
-void nhwc_rows_any(const T* at, int64_t g, int64_t groups, const T* x, T* y, int64_t c_dim,
-                   int64_t count) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::kLanes;
-  for (int64_t p = 0; p < count; ++p)
-    for (int64_t j = 0; j < groups; ++j) {
-      const T* a = at + j * g * g;
-      const T* xp = x + p * c_dim + j * g;
-      for (int64_t o = 0; o < g; o += L) {
-        const int64_t lanes = std::min<int64_t>(L, g - o);
-        V acc = splat<T>(0);
-        for (int64_t k = 0; k < g; ++k) acc += load_partial<T>(a + k * g + o, lanes) * xp[k];
-        store_partial<T>(y + p * c_dim + j * g + o, acc, lanes);
-      }
-    }
-}
-
 template <typename T>
 void nhwc_apply(const T* at, int64_t g, int64_t groups, const T* x, T* y, int64_t c_dim,
                 int64_t count) {
-  constexpr int L = Vec<T>::kLanes;
-  if (g == 16 && 16 % L == 0)
-    return nhwc_rows<T, (16 % L == 0 ? 16 : L)>(at, groups, x, y, c_dim, count);
-  if (g == 32 && 32 % L == 0)
-    return nhwc_rows<T, (32 % L == 0 ? 32 : L)>(at, groups, x, y, c_dim, count);
-  if (g == 64 && 64 % L == 0)
-    return nhwc_rows<T, (64 % L == 0 ? 64 : L)>(at, groups, x, y, c_dim, count);
-  if (g == 8 && 8 % L == 0)
-    return nhwc_rows<T, (8 % L == 0 ? 8 : L)>(at, groups, x, y, c_dim, count);
-  nhwc_rows_any<T>(at, g, groups, x, y, c_dim, count);
+  // g in {16, 32, 64} (checked by ce_eval_nhwc): multiples of every ISA's vector width
+  if (g == 16) return nhwc_rows<T, 16>(at, groups, x, y, c_dim, count);
+  if (g == 32) return nhwc_rows<T, 32>(at, groups, x, y, c_dim, count);
+  nhwc_rows<T, 64>(at, groups, x, y, c_dim, count);
 }
 
 }  // namespace
@@ -1149,8 +1126,9 @@ void ce_eval_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& fc
               fc1.sizes());
   const int64_t hd = fc1.size(0);
   const bool has_w = w.numel() > 0;
-  TORCH_CHECK(g > 0 && g <= kMaxGroup && c_dim % g == 0, "ce_eval_nhwc: group size ", g,
-              " must divide C = ", c_dim, " and be at most ", kMaxGroup);
+  TORCH_CHECK((g == 16 || g == 32 || g == 64) && c_dim % g == 0, "ce_eval_nhwc: group size ",
+              g, " must be 16, 32 or 64 and divide C = ", c_dim,
+              " (other groups: ce_eval on an NCHW copy)");
   TORCH_CHECK(!has_w || (w.dim() == 3 && w.size(0) * g == c_dim && w.size(1) == g &&
                          w.size(2) == g),
               "ce_eval_nhwc: expected W (C/g, g, g), got ", w.sizes());
