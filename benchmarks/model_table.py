@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cenet
+from cenet.deploy.bench_models import reference_of
 from cenet.layers import ChannelEquilibrium
 
 #: the CE paper's GFLOPs (Table 1: ResNets; Table 2: MobileNetV2 1×, ShuffleNetV2 0.5×/1×)
@@ -69,15 +70,10 @@ PAPER_GFLOPS: dict[str, float] = {
 #: the authors' code counted with FlopCounterMode, increase over the plain twin
 AUTHORS_INCREASE: dict[str, float] = {"resnet18_ce": 3.5, "resnet50_ce": 3.4}
 
-VARIANT_SUFFIXES = ("_ce", "_bd", "_ir", "_se", "_gct", "_iternorm", "_dbn")
-
-
 def plain_twin(name: str, names: set[str]) -> str | None:
     """The plain network ``name`` is a variant of (``resnet50_ce`` → ``resnet50``), or None."""
-    for suffix in VARIANT_SUFFIXES:
-        if name.endswith(suffix) and name[: -len(suffix)] in names:
-            return name[: -len(suffix)]
-    return None
+    twin = reference_of(name, names)
+    return None if twin == name else twin
 
 
 def count_macs(model: nn.Module, size: int) -> tuple[int, dict[str, dict]]:

@@ -69,10 +69,6 @@ def all_reduce_sum(
     return out
 
 
-def _group_stats(values: list[Tensor]) -> CF.GroupStatistics:
-    return CF.GroupStatistics(*values)
-
-
 class _Synchronized:
     """Mixin: the process group and whether this forward communicates."""
 
@@ -113,10 +109,9 @@ class SyncChannelEquilibrium(_Synchronized, ChannelEquilibrium):
         if not self._synchronizes():
             return bd_stats, ir_stats
         parts = [*(bd_stats or ()), *(ir_stats or ())]
-        dtype = parts[0].dtype
-        summed = all_reduce_sum([p.to(dtype) for p in parts], self.process_group)
+        summed = all_reduce_sum(parts, self.process_group)  # one statistics dtype
         if bd_stats is not None:
-            bd_stats, summed = _group_stats(summed[:3]), summed[3:]
+            bd_stats, summed = CF.GroupStatistics(*summed[:3]), summed[3:]
         if ir_stats is not None:
             ir_stats = CF.VarianceStatistics(*summed)
         return bd_stats, ir_stats
@@ -135,7 +130,7 @@ class SyncBatchDecorrelation(_Synchronized, BatchDecorrelation):
         stats = super().statistics(x)
         if not self._synchronizes():
             return stats
-        return _group_stats(all_reduce_sum(list(stats), self.process_group))
+        return CF.GroupStatistics(*all_reduce_sum(list(stats), self.process_group))
 
 
 class SyncInstanceReweighting(_Synchronized, InstanceReweighting):
