@@ -143,3 +143,13 @@ def cli_command() -> Callable[..., list[str]]:
         return [sys.executable, "-c", CLI_RUNNER, str(TESTS_DIR), *map(str, args)]
 
     return command
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tests on tiny batches (two threads contend badly with
+    other processes on 2 cores); the previous count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,13 +45,7 @@ needs_onnx = pytest.mark.skipif(
     reason="needs the ONNX packages: pip install 'cenet[export]'",
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one torch thread (two contend badly with other processes on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
