@@ -8,6 +8,7 @@ from cenet.convert import (
     ce_keys_to_model,
     convert_ce,
     convert_sync_ce,
+    freeze_norms,
     revert_sync_ce,
 )
 from cenet.deploy.fused_model import fuse
@@ -21,5 +22,6 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 
 __all__ = [
     "ChannelEquilibrium", "__version__", "ce_keys_from_model", "ce_keys_to_model", "convert_ce",
-    "convert_sync_ce", "create_model", "fuse", "layers", "list_models", "models", "revert_sync_ce",
+    "convert_sync_ce", "create_model", "freeze_norms", "fuse", "layers", "list_models", "models",
+    "revert_sync_ce",
 ]

@@ -6,6 +6,7 @@ The CE maths as pure functions of tensors is :mod:`cenet.layers.functional`.
 from cenet.layers.batch_decorrelation import BatchDecorrelation
 from cenet.layers.channel_equilibrium import CE_MODES, ChannelEquilibrium
 from cenet.layers.create_attn import attn_names, create_attn, get_attn
+from cenet.layers.frozen_ce import FrozenChannelEquilibrium
 from cenet.layers.functional import (
     GroupStatistics,
     batch_covariance,
@@ -33,6 +34,7 @@ __all__ = [
     "BatchDecorrelation",
     "ChannelEquilibrium",
     "DecorrelatedBatchNorm",
+    "FrozenChannelEquilibrium",
     "GatedChannelTransformation",
     "InstanceReweighting",
     "IterNorm",
