@@ -14,10 +14,12 @@ unknown ones raise ``TypeError`` there).
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable
 
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cenet.detection.backbone import resnet_fpn_backbone
 
@@ -26,6 +28,32 @@ __all__ = ["create_detector", "list_detectors"]
 _DETECTORS: dict[str, Callable[..., FasterRCNN]] = {}
 _HEADS = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN}
 _DEPTHS = (18, 50, 101)
+
+
+def _keywords(cls: type) -> set[str]:
+    """The named keywords of ``cls`` and of the image transform it passes ``**kwargs`` to."""
+    names = set()
+    for fn in (cls.__init__, FasterRCNN.__init__, GeneralizedRCNNTransform.__init__):
+        names |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "backbone", "num_classes"}
+
+
+def _check_keywords(cls: type, kwargs: dict) -> None:
+    """torchvision's detectors pass unknown keywords on to their transform, which ignores
+    them: a typo would be lost silently, so it is refused here.
+
+    Raises:
+        TypeError: naming the unknown keywords and the closest valid ones.
+    """
+    valid = _keywords(cls)
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
+                          for k, c in close.items())
+        raise TypeError(f"{cls.__name__} takes no keyword {hints}; valid: "
+                        f"{', '.join(sorted(valid))}")
 
 
 def _make_builder(head: str, depth: int, ce: bool) -> Callable[..., FasterRCNN]:
@@ -42,6 +70,7 @@ def _make_builder(head: str, depth: int, ce: bool) -> Callable[..., FasterRCNN]:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (the background and at least "
                              f"one category; COCO: 91), got {num_classes!r}")
+        _check_keywords(cls, detector_kwargs)
         backbone = resnet_fpn_backbone(depth, ce=ce, norm=norm,
                                        trainable_layers=trainable_backbone_layers,
                                        checkpoint=backbone_checkpoint)
