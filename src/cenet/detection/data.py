@@ -53,12 +53,12 @@ class CocoLayoutError(FileNotFoundError):
     """A COCO data root without the expected annotation file or image folder.
 
     Attributes:
-        filename: the path that was looked for (as for any ``FileNotFoundError``).
+        path: the path that was looked for.
     """
 
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(message)
-        self.filename = str(path)
+        self.path = str(path)
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
