@@ -45,8 +45,9 @@ def _outputs(coco, *, shift=0.0, masks=True):
             "labels": torch.tensor([a["category_id"] for a in anns]),
         }
         if masks:
-            out["masks"] = torch.stack(
-                [torch.from_numpy(coco.annToMask(a)).float() for a in anns])[:, None]
+            out["masks"] = torch.stack([torch.from_numpy(coco.annToMask(a)).float() for a in anns])[
+                :, None
+            ]
         outputs.append(out)
         ids.append(image_id)
     return outputs, ids
@@ -128,7 +129,9 @@ def test_predictions_to_coco_by_hand():
     }
     results = predictions_to_coco([out], [42])
     assert [(r["image_id"], r["category_id"], r["bbox"]) for r in results] == [
-        (42, 3, [10.0, 20.0, 30.0, 5.0]), (42, 1, [0.5, 1.0, 1.5, 3.0])]
+        (42, 3, [10.0, 20.0, 30.0, 5.0]),
+        (42, 1, [0.5, 1.0, 1.5, 3.0]),
+    ]
     assert [r["score"] for r in results] == pytest.approx([0.9, 0.25])
     first = results[0]["segmentation"]
     assert first["size"] == [4, 5] and isinstance(first["counts"], str)

@@ -113,10 +113,12 @@ def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     for key in ("images", "categories"):
         assert _json(d, "val2017")[key] == _json(a, "val2017")[key]
     strip = [{k: v for k, v in x.items() if k != "id"} for x in _json(a, "val2017")["annotations"]]
-    assert [{k: v for k, v in x.items() if k != "id"} for x in _json(d, "val2017")[
-        "annotations"]] == strip
+    assert [
+        {k: v for k, v in x.items() if k != "id"} for x in _json(d, "val2017")["annotations"]
+    ] == strip
     assert (d / "val2017" / "000000100001.png").read_bytes() == (
-        a / "val2017" / "000000100001.png").read_bytes()
+        a / "val2017" / "000000100001.png"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -239,8 +241,9 @@ def test_images_without_usable_annotations_dropped_in_training_kept_in_eval(
                 x, y, _, h = a["bbox"]
                 data["annotations"].append(dict(a, id=a["id"] + 10_000, bbox=[x, y, 0.9, h]))
 
-    mixed_k = sum(a["image_id"] == mixed for a in _json(synthetic_coco_copy, "train2017")[
-        "annotations"])
+    mixed_k = sum(
+        a["image_id"] == mixed for a in _json(synthetic_coco_copy, "train2017")["annotations"]
+    )
     _rewrite(synthetic_coco_copy, "train2017", edit)
 
     train = load_coco(synthetic_coco_copy, "train2017", train=True)
@@ -300,7 +303,9 @@ def test_missing_annotation_file_or_folder_is_a_layout_error(synthetic_coco, tmp
         coco_paths(tmp_path, "val2017")
     assert info.value.path == str(tmp_path / "val2017")
     assert coco_paths(synthetic_coco, "val2017") == (
-        synthetic_coco / "val2017", synthetic_coco / "annotations" / "instances_val2017.json")
+        synthetic_coco / "val2017",
+        synthetic_coco / "annotations" / "instances_val2017.json",
+    )
 
 
 # ---------------------------------------------------------------- unreadable images, loader
@@ -366,7 +371,8 @@ def test_loader_order_is_seeded(synthetic_coco):
     def order(**kwargs):
         loader = detection_loader(ds, batch_size=3, workers=0, **kwargs)
         assert loader.sampler.__class__.__name__ == (
-            "RandomSampler" if kwargs["shuffle"] else "SequentialSampler")
+            "RandomSampler" if kwargs["shuffle"] else "SequentialSampler"
+        )
         return [[t["image_id"] for _, targets, _ in loader for t in targets] for _ in range(2)]
 
     assert order(shuffle=False) == [ds.ids, ds.ids]

@@ -215,8 +215,14 @@ def format_table(metrics: Mapping[str, Mapping[str, float]], *, name: str | None
     Returns:
         Three lines (header, alignment, values) joined by newlines, without a trailing one.
     """
-    cols = [("bbox", "box AP"), ("bbox", "AP50"), ("bbox", "AP75"),
-            ("segm", "mask AP"), ("segm", "AP50"), ("segm", "AP75")]
+    cols = [
+        ("bbox", "box AP"),
+        ("bbox", "AP50"),
+        ("bbox", "AP75"),
+        ("segm", "mask AP"),
+        ("segm", "AP50"),
+        ("segm", "AP75"),
+    ]
     header = [title for _, title in cols]
     cells = [_percent(metrics.get(kind, {}).get(title.split()[-1])) for kind, title in cols]
     aligns = ["---:"] * len(cols)

@@ -181,8 +181,11 @@ class CocoDetectionSet(Dataset):
             self._check_segmentations(anns)
         base.ids = self._kept_ids(base.ids)
         self.ids: list[int] = base.ids
-        keys = ("boxes", "labels", "masks", "image_id") if with_masks else (
-            "boxes", "labels", "image_id")
+        keys = (
+            ("boxes", "labels", "masks", "image_id")
+            if with_masks
+            else ("boxes", "labels", "image_id")
+        )
         self._wrapped = wrap_dataset_for_transforms_v2(base, target_keys=keys)
 
     @property
@@ -191,10 +194,14 @@ class CocoDetectionSet(Dataset):
         return max([0, *ids, *self.category_names]) + 1
 
     def _check_categories(self, anns: list[dict], num_classes: int | None) -> None:
-        bad = sorted({
-            int(a["category_id"]) for a in anns
-            if a["category_id"] < 1 or (num_classes is not None and a["category_id"] >= num_classes)
-        })
+        bad = sorted(
+            {
+                int(a["category_id"])
+                for a in anns
+                if a["category_id"] < 1
+                or (num_classes is not None and a["category_id"] >= num_classes)
+            }
+        )
         if not bad:
             return
         bad_set = set(bad)
@@ -224,7 +231,8 @@ class CocoDetectionSet(Dataset):
         names = {i: self.coco.imgs[i]["file_name"] for i in ids}
         on_disk = {e.name for e in os.scandir(self.image_dir)}
         present = [
-            i for i in ids
+            i
+            for i in ids
             if names[i] in on_disk or ("/" in names[i] and (self.image_dir / names[i]).is_file())
         ]
         present_set = set(present)
@@ -239,7 +247,10 @@ class CocoDetectionSet(Dataset):
         if self.missing_images:
             log.warning(
                 "%d of %d images listed in %s are not in %s and are left out (the first: %s)",
-                len(self.missing_images), len(ids), self.annotation_file, self.image_dir,
+                len(self.missing_images),
+                len(ids),
+                self.annotation_file,
+                self.image_dir,
                 self.missing_images[0],
             )
         self.dropped_images: list[str] = []
@@ -257,7 +268,9 @@ class CocoDetectionSet(Dataset):
         if self.dropped_images:
             log.info(
                 "left out %d of %d training images without a usable annotation (%s)",
-                len(self.dropped_images), len(present), self.annotation_file,
+                len(self.dropped_images),
+                len(present),
+                self.annotation_file,
             )
         return kept
 
@@ -284,7 +297,8 @@ class CocoDetectionSet(Dataset):
         if self.with_masks:
             masks = target.get("masks")
             out["masks"] = (
-                torch.zeros(0, h, w, dtype=torch.uint8) if masks is None
+                torch.zeros(0, h, w, dtype=torch.uint8)
+                if masks is None
                 else masks.as_subclass(torch.Tensor).to(torch.uint8)
             )
         return image, out

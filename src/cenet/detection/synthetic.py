@@ -35,8 +35,10 @@ def _polygon(category_id: int, x: float, y: float, w: float, h: float, rng) -> l
     elif category_id == 2:
         cx, cy, rx, ry = x + w / 2, y + h / 2, w / 2, h / 2
         pts = [
-            (cx + rx * math.cos(2 * math.pi * k / ELLIPSE_POINTS),
-             cy + ry * math.sin(2 * math.pi * k / ELLIPSE_POINTS))
+            (
+                cx + rx * math.cos(2 * math.pi * k / ELLIPSE_POINTS),
+                cy + ry * math.sin(2 * math.pi * k / ELLIPSE_POINTS),
+            )
             for k in range(ELLIPSE_POINTS)
         ]
     else:
@@ -160,15 +162,17 @@ def make_synthetic_coco(
             for category_id, poly in shapes:
                 xs, ys = poly[0::2], poly[1::2]
                 x, y = min(xs), min(ys)
-                annotations.append({
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x, y, round(max(xs) - x, 2), round(max(ys) - y, 2)],
-                    "area": round(_shoelace(poly), 2),
-                    "iscrowd": 0,
-                    "segmentation": [poly],
-                })
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": category_id,
+                        "bbox": [x, y, round(max(xs) - x, 2), round(max(ys) - y, 2)],
+                        "area": round(_shoelace(poly), 2),
+                        "iscrowd": 0,
+                        "segmentation": [poly],
+                    }
+                )
                 ann_id += 1
         dataset = {
             "info": {"description": f"cenet synthetic shapes, seed {seed}", "version": "1.0"},
