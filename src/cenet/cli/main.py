@@ -12,6 +12,7 @@ import cenet
 from cenet.cli import analyze as analyze_cmd
 from cenet.cli import bench as bench_cmd
 from cenet.cli import compare as compare_cmd
+from cenet.cli import detect as detect_cmd
 from cenet.cli import eval as eval_cmd
 from cenet.cli import export as export_cmd
 from cenet.cli import info as info_cmd
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
+    detect_cmd.add_parser(sub)
     listing.add_parsers(sub)
     info_cmd.add_parser(sub)
     return parser
