@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="images per iteration")
     p.add_argument("--lr", type=float, default=0.005,
                    help="learning rate actually used (the config's lr is this x 16 / batch); "
-                   "default 0.005 (2x the paper's 0.02 / 16 images per image): in a short "
+                   "default 0.005, twice the paper's rate per image (0.02 / 16): in a short "
                    "test the CE model with frozen gates diverged at 0.01 after a 50-iteration "
                    "warm-up, both trained at 0.005")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
