@@ -177,3 +177,15 @@ def test_format_table():
     boxes = format_table({"bbox": metrics["bbox"]}, name="CE-R50")
     assert boxes.splitlines()[0].startswith("| model | box AP |")
     assert boxes.splitlines()[2] == "| CE-R50 | 41.2 | 60.0 | 45.0 | n/a | n/a | n/a |"
+
+
+def test_mask_evaluation_leaves_the_ground_truth_polygons(gt):
+    """pycocotools' mask COCOeval turns ground-truth polygons into RLEs in place; a data set
+    reading its masks from the same COCO object would then fail: evaluate_coco must not."""
+    before = copy.deepcopy(gt.dataset["annotations"])
+    outputs, ids = _outputs(gt)
+    for _ in range(2):
+        metrics = evaluate_coco(gt, predictions_to_coco(outputs, ids))
+        assert metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert gt.dataset["annotations"] == before
+    assert all(isinstance(a["segmentation"], list) for a in gt.anns.values())

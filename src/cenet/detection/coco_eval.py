@@ -124,6 +124,20 @@ def _empty_results(coco_gt):
     return res
 
 
+def _private_copy(coco_gt, buffer: io.StringIO):
+    """A ``COCO`` object over copies of ``coco_gt``'s annotation dicts: mask COCOeval replaces
+    each ground-truth polygon by an RLE in place (pycocotools' ``_toMask``), which a data set
+    reading its masks from the same object could not decode afterwards."""
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    gt.dataset = {**coco_gt.dataset,
+                  "annotations": [dict(a) for a in coco_gt.dataset.get("annotations", [])]}
+    with contextlib.redirect_stdout(buffer):  # createIndex prints
+        gt.createIndex()
+    return gt
+
+
 def evaluate_coco(
     coco_gt,
     results: Sequence[Mapping[str, Any]],
@@ -135,7 +149,8 @@ def evaluate_coco(
 
     Args:
         coco_gt: a ``pycocotools.coco.COCO`` ground truth (e.g. ``load_coco(...).coco``).
-        results: COCO result dicts (:func:`predictions_to_coco`); not modified. May be empty
+        results: COCO result dicts (:func:`predictions_to_coco`); neither they nor
+            ``coco_gt`` are modified. May be empty
             (a model that detected nothing): every AP is then 0 (or NaN, see below).
         iou_types: ``"bbox"`` and/or ``"segm"`` (``"segm"`` needs a ``segmentation`` in every
             result).
@@ -175,6 +190,8 @@ def evaluate_coco(
             )
     metrics: dict[str, dict[str, float]] = {}
     buffer = io.StringIO()
+    if "segm" in iou_types:
+        coco_gt = _private_copy(coco_gt, buffer)
     with contextlib.redirect_stdout(buffer):
         # loadRes adds keys to the dicts it is given: hand it copies
         coco_dt = (

@@ -302,23 +302,6 @@ class DetectionEval:
     seconds: float
 
 
-def _private_ground_truth(coco_gt: Any) -> Any:
-    """A ``COCO`` object over copies of the annotation dicts of ``coco_gt``: mask COCOeval
-    replaces each ground-truth polygon by an RLE in place (pycocotools' ``_toMask``), and the
-    data set that reads the evaluation masks from the same object could not decode those."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
-    gt = COCO()
-    gt.dataset = {**coco_gt.dataset,
-                  "annotations": [dict(a) for a in coco_gt.dataset.get("annotations", [])]}
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
-        gt.createIndex()
-    return gt
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -392,8 +375,7 @@ def evaluate(
                 f"evaluation set is empty"
             )
         merged = [r for res, _, _ in shards for r in res]
-        gt = _private_ground_truth(coco_gt) if "segm" in iou_types else coco_gt
-        return evaluate_coco(gt, merged, iou_types=iou_types, image_ids=all_ids)
+        return evaluate_coco(coco_gt, merged, iou_types=iou_types, image_ids=all_ids)
 
     metrics = distributed.run_on_main(score)
     return DetectionEval(
