@@ -147,6 +147,24 @@ def test_sync_setting_trains_bn_and_ce_statistics_but_not_the_gate():
     assert torch.equal(ce.ir.fc1.weight, gate)
 
 
+def test_train_setting_trains_every_norm_parameter():
+    """"train" (from scratch): plain BN and CE with batch statistics, gate and λ trained."""
+    from cenet.cli.detect import _NORMS
+    from cenet.detection import NORM_SETTINGS
+
+    assert _NORMS == NORM_SETTINGS
+    model = create_detector("fasterrcnn_resnet18_fpn_ce", num_classes=4, norm="train",
+                            trainable_backbone_layers=5, **SMALL)
+    body = model.backbone.body
+    assert type(body.layer3[0].attn) is cenet.ChannelEquilibrium
+    assert type(body.bn1) is nn.BatchNorm2d
+    assert all(p.requires_grad for p in body.parameters())
+    images, targets = _images_and_targets()
+    sum(model.train()(images, targets).values()).backward()
+    assert body.layer3[0].attn.theta.grad is not None
+    assert body.layer3[0].attn.ir.fc1.weight.grad.abs().sum() > 0
+
+
 def test_backbone_checkpoint_keys_are_checked(tmp_path, caplog):
     torch.manual_seed(0)
     src = cenet.create_model("resnet18_ce", num_classes=10)

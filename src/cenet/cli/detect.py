@@ -30,7 +30,8 @@ from cenet.detection.config import (
 )
 from cenet.train.distributed import env_rank
 
-_NORMS = ("frozen", "sync")  # cenet.detection.NORM_SETTINGS, spelled out so --help stays fast
+# cenet.detection.NORM_SETTINGS, spelled out so that --help stays fast (a test compares them)
+_NORMS = ("frozen", "sync", "train")
 
 # (flag, config key, type, metavar, help); each sets the config key of the same name when given
 _FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
@@ -38,8 +39,9 @@ _FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
     ("--data", "data", str, "COCO_ROOT",
      "COCO 2017 root: annotations/instances_{train,val}2017.json, train2017/, val2017/"),
     ("--norm", "norm", str, "{" + ",".join(_NORMS) + "}",
-     "backbone norms: frozen (statistics and affine fixed) or sync (trained; SyncBatchNorm "
-     "and SyncCE, CUDA only with several processes)"),
+     "backbone norms: frozen (statistics and affine fixed), sync (trained; SyncBatchNorm "
+     "and SyncCE, the CE gate fixed; CUDA only with several processes) or train (every "
+     "norm parameter trained, per-process statistics: from scratch)"),
     ("--backbone-checkpoint", "backbone_checkpoint", str, "PATH",
      "ImageNet weights of the backbone: a cenet train run directory or checkpoint, or a "
      "torchvision state dict (default: random initialization)"),

@@ -27,8 +27,10 @@ __all__ = ["NORM_SETTINGS", "LoadReport", "load_backbone_checkpoint", "resnet_fp
 logger = logging.getLogger(__name__)
 
 #: the paper's Table 5 settings: "frozen" (BN and CE statistics and affine parameters fixed)
-#: and "sync" (BN → SyncBatchNorm, CE → SyncCE, γ and β trained, the IR gate and λ fixed)
-NORM_SETTINGS = ("frozen", "sync")
+#: and "sync" (BN → SyncBatchNorm, CE → SyncCE, γ and β trained, the IR gate and λ fixed);
+#: beyond the paper, "train" (BN and CE as built, every parameter trained with per-process
+#: batch statistics: a backbone trained from scratch, whose gate must learn)
+NORM_SETTINGS = ("frozen", "sync", "train")
 
 #: torchvision's order of unfreezing (``_resnet_fpn_extractor``): the last stages first
 _TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -133,6 +135,9 @@ def set_norm_setting(body: nn.Module, norm: str) -> nn.Module:
     - ``"sync"``: BN → ``nn.SyncBatchNorm``, CE → SyncCE (:func:`cenet.convert.convert_sync_ce`);
       BN's and the norms' γ, β train; each CE block's IR gate weights F̃ and θ (λ) get
       ``requires_grad=False``. In one process both behave as their unsynchronized bases.
+    - ``"train"``: unchanged (beyond the paper): BN and CE use each process's batch and every
+      parameter trains, the IR gate and λ included, as a backbone trained from scratch needs
+      (a random gate frozen by ``"sync"`` would stay random).
 
     Returns:
         the converted body (a new object only if ``body`` itself is a norm).
@@ -142,6 +147,8 @@ def set_norm_setting(body: nn.Module, norm: str) -> nn.Module:
     """
     if norm == "frozen":
         return freeze_norms(body)
+    if norm == "train":
+        return body
     if norm != "sync":
         raise ValueError(f"norm must be one of {NORM_SETTINGS}, got {norm!r}")
     body = convert_sync_ce(nn.SyncBatchNorm.convert_sync_batchnorm(body))
@@ -186,7 +193,7 @@ def resnet_fpn_backbone(
     Args:
         depth: 18, 34, 50 or 101.
         ce: CE-ResNet (True) or the plain BN ResNet (False).
-        norm: ``"frozen"`` or ``"sync"`` (:data:`NORM_SETTINGS`).
+        norm: ``"frozen"``, ``"sync"`` or ``"train"`` (:data:`NORM_SETTINGS`).
         trainable_layers: stages trained, 0-5, counted from layer4 (torchvision's meaning).
         checkpoint: an ImageNet checkpoint of the same body, or None (random initialization).
         out_channels: FPN width.

@@ -84,7 +84,7 @@ def _make_builder(head: str, depth: int, ce: bool) -> Callable[..., FasterRCNN]:
         f"Args:\n"
         f"    num_classes: outputs of the box classifier, background included (COCO: 91,\n"
         f"        labels are the category ids).\n"
-        f"    norm: ``\"frozen\"`` or ``\"sync\"`` (CE paper Table 5; see\n"
+        f"    norm: ``\"frozen\"`` or ``\"sync\"`` (CE paper Table 5), or ``\"train\"``; see\n"
         f"        :func:`cenet.detection.backbone.set_norm_setting`).\n"
         f"    backbone_checkpoint: a cenet ImageNet checkpoint of ``resnet{depth}"
         f"{'_ce' if ce else ''}`` (run directory or file) or a torchvision state dict; keys\n"

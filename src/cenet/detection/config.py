@@ -79,8 +79,10 @@ class DetectConfig:
             ``1..num_classes-1``); ``None`` = the data's largest category id + 1 (91 for COCO).
         norm: normalization of the backbone: ``"frozen"`` (BN and CE statistics and affine
             parameters frozen, as in torchvision and MMDetection) or ``"sync"`` (trainable,
-            statistics over all processes: ``SyncBatchNorm`` / SyncCE; CUDA only with
-            several processes). See :data:`cenet.detection.NORM_SETTINGS`.
+            statistics over all processes: ``SyncBatchNorm`` / SyncCE, the CE gate and λ
+            fixed; CUDA only with several processes) or ``"train"`` (beyond the paper: every
+            norm parameter trained with per-process batch statistics, for a backbone trained
+            from scratch). See :data:`cenet.detection.NORM_SETTINGS`.
         backbone_checkpoint: ImageNet-trained classification weights for the backbone (a
             ``cenet train`` checkpoint or a state dict); ``None`` = random initialization.
         trainable_backbone_layers: ResNet stages (counted from the last) that train, 0..5.
