@@ -180,3 +180,23 @@ def peek_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception:  # anything unreadable simply means "unknown here"
         return {}
     return dict(config) if isinstance(config, dict) else {}
+
+
+def load_states(ckpt: dict[str, Any], targets: dict[str, Any], *, what: str) -> None:
+    """``target.load_state_dict(ckpt[key])`` for each ``key: target`` of ``targets`` in order
+    (``None`` targets skipped), for resuming.
+
+    Args:
+        ckpt: the checkpoint.
+        targets: checkpoint keys and the objects (model, optimizer, ...) their states go to.
+        what: what the checkpoint must fit, for the message (e.g. ``"model 'resnet20'"``).
+
+    Raises:
+        CheckpointError: if a key is missing or a state does not fit.
+    """
+    try:
+        for key, target in targets.items():
+            if target is not None:
+                target.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint does not fit {what}: {err}") from None

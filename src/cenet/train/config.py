@@ -9,19 +9,16 @@ matches and listing the valid keys.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import yaml
+from cenet.train.config_files import ConfigSchema
+from cenet.train.config_files import dump_yaml as dump_yaml  # re-exported
 
 SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
 """Valid values of :attr:`TrainConfig.schedule`."""
@@ -297,137 +294,18 @@ class TrainConfig:
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def config_keys() -> list[str]:
-    """Names of all fields of :class:`TrainConfig`, in declaration order."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+SCHEMA: ConfigSchema[TrainConfig] = ConfigSchema(TrainConfig, "cenet", "config")
+"""Key checks, bundled configs (``cenet/configs/``), loading and dumping of :class:`TrainConfig`
+(:class:`cenet.train.config_files.ConfigSchema`); the functions below are its methods."""
 
-
-def check_keys(keys: Iterable[str], *, source: str) -> None:
-    """Reject keys that are not fields of :class:`TrainConfig`.
-
-    Args:
-        keys: the keys to check.
-        source: where they come from, for the message (e.g. a file name or ``"--set"``).
-
-    Raises:
-        ValueError: naming each unknown key with its close matches, and listing the valid keys.
-    """
-    valid = config_keys()
-    unknown = [k for k in keys if k not in valid]
-    if not unknown:
-        return
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-        parts.append(f"{key!r}{hint}")
-    raise ValueError(
-        f"unknown config key{'s' if len(unknown) > 1 else ''} in {source}: {', '.join(parts)}; "
-        f"valid keys: {', '.join(valid)}"
-    )
-
-
-def config_from_dict(values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-    """Build a validated :class:`TrainConfig` from a mapping of (some of) its fields.
-
-    Raises:
-        ValueError: for an unknown key, a value of the wrong type or an invalid value.
-    """
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{source} must be a mapping of keys to values, got {type(values)}")
-    check_keys(values, source=source)
-    return TrainConfig(**dict(values))
-
-
-def bundled_configs() -> list[str]:
-    """Names of the configs shipped in ``cenet/configs/`` (without ``.yaml``)."""
-    folder = resources.files("cenet") / "configs"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """The YAML file meant by ``name_or_path``: an existing file, or a bundled config name.
-
-    Raises:
-        FileNotFoundError: when it is neither, listing the bundled names.
-    """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    name = str(name_or_path)
-    if path.name == name:  # a bare name: look among the bundled configs
-        bundled = resources.files("cenet") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
-        if bundled.is_file():
-            return Path(str(bundled))
-    raise FileNotFoundError(
-        f"config {str(name_or_path)!r} is neither a file nor a bundled config; "
-        f"bundled configs: {', '.join(bundled_configs())}"
-    )
-
-
-def read_yaml_config(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The key/value mapping of a config file or bundled config (keys checked, not values).
-
-    Raises:
-        FileNotFoundError: see :func:`resolve_config_path`.
-        ValueError: when the file is not a YAML mapping or has an unknown key.
-    """
-    path = resolve_config_path(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(values)}")
-    check_keys(values, source=str(path))
-    return values
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings (``--set``); values are read as YAML (``lr=0.1``,
-    ``milestones=[60,120]``, ``data=null``, ``model_kwargs={width: 0.5}``).
-
-    Raises:
-        ValueError: for an item without ``=``, an unknown key or a value that is not YAML.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"value of override {item!r} is not valid YAML: {err}") from None
-    check_keys(out, source="--set")
-    return out
-
-
-def load_config(
-    name_or_path: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> TrainConfig:
-    """Defaults, then the YAML config (file path or bundled name), then ``overrides``.
-
-    Raises:
-        FileNotFoundError: for a config that is neither a file nor a bundled name.
-        ValueError: for unknown keys or invalid values.
-    """
-    values: dict[str, Any] = {}
-    source = "overrides"
-    if name_or_path is not None:
-        values.update(read_yaml_config(name_or_path))
-        source = f"{name_or_path} + overrides"
-    values.update(overrides or {})
-    return config_from_dict(values, source=source)
-
-
-def dump_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML text, keys in declaration order."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+config_keys = SCHEMA.keys
+check_keys = SCHEMA.check_keys
+config_from_dict = SCHEMA.from_dict
+bundled_configs = SCHEMA.bundled
+resolve_config_path = SCHEMA.resolve
+read_yaml_config = SCHEMA.read_yaml
+parse_overrides = SCHEMA.parse_overrides
+load_config = SCHEMA.load
 
 
 # ----------------------------------------------------------------------------- value checks

@@ -43,6 +43,7 @@ from cenet.train.metrics import percent
 from cenet.train.parallel import train_step
 from cenet.train.progress import EpochProgress
 from cenet.train.rundir import check_new_run_dir, resume_checkpoint_path, resume_config, run_dir_of
+from cenet.train.runtime import rng_state
 from cenet.train.session import RunSession, TrainResult
 
 __all__ = ["TrainResult", "resume_training", "train"]
@@ -159,7 +160,7 @@ class _Run(RunSession):
     def _save(self, names: tuple[str, ...]) -> None:
         """Write the checkpoint to ``names`` in the run directory (rank 0; every rank must
         call this, as it gathers the RNG states of all processes)."""
-        rng_states = distributed.all_gather_objects(self._rng_state())
+        rng_states = distributed.all_gather_objects(rng_state(self.device))
         if not self.ctx.is_main:
             return
         ckpt = self.checkpoint(rng_states)

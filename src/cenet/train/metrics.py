@@ -72,6 +72,19 @@ class MetricsLog:
         twice."""
         self.keep_only(lambda r: r.get("epoch", math.inf) <= completed)
 
+    def truncate_to_checkpoint(self, completed: int, global_step: int, *, finished: bool) -> None:
+        """On resume from a checkpoint written after ``completed`` epochs and ``global_step``
+        steps, drop the records written after it, so that no epoch appears twice: the epoch
+        records of later epochs, and the partial (``max_steps``) records unless the run is
+        ``finished`` and they are not later than ``global_step``."""
+        self.keep_only(
+            lambda r: (
+                r.get("epoch", math.inf) <= completed
+                if not r.get("partial")
+                else finished and r.get("global_step", math.inf) <= global_step
+            )
+        )
+
     def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite the file (atomically) with the records for which ``keep(record)`` is
         true; nothing happens if the file does not exist."""

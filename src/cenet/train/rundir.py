@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from cenet.train.checkpoint import remove_stale_temp_files
-from cenet.train.config import TrainConfig, config_from_dict, dump_yaml
+from cenet.train.config import SCHEMA, TrainConfig
+from cenet.train.config_files import Config, dump_yaml, resume_config_of
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 """Files a run writes into its directory (removed by ``overwrite``)."""
@@ -43,9 +44,6 @@ global ``batch_size`` divides into ``W x grad_accum_steps`` micro-batches, and
 ``grad_accum_steps`` may change with it; keeping ``W x grad_accum_steps`` as it was keeps the
 micro-batches (and so the batch statistics) exactly as in the uninterrupted run, otherwise a
 warning says that they differ."""
-
-_RESOLVED_KEYS = frozenset({"num_classes", "out", "threads"})
-"""Keys that a run fills in when they are null: a null override of them means "as stored"."""
 
 
 def run_dir_of(cfg: TrainConfig) -> Path:
@@ -93,8 +91,9 @@ def prepare_new_run_dir(run_dir: str | os.PathLike[str], *, overwrite: bool) -> 
     return run_dir
 
 
-def write_config(run_dir: str | os.PathLike[str], cfg: TrainConfig) -> Path:
-    """Write ``cfg`` as ``run_dir/config.yaml``; returns the path."""
+def write_config(run_dir: str | os.PathLike[str], cfg: Config) -> Path:
+    """Write ``cfg`` (a :class:`TrainConfig` or another config, e.g. a detection run's) as
+    ``run_dir/config.yaml``, atomically; returns the path."""
     path = Path(run_dir) / "config.yaml"
     tmp = path.with_name(".config.yaml.tmp")
     tmp.write_text(dump_yaml(cfg), encoding="utf-8")
@@ -133,30 +132,4 @@ def resume_config(
             epochs, the schedule, the model ... are those of the checkpoint; start a new run to
             change them), names another ``out`` than ``run_dir``, or is invalid.
     """
-    run_dir = Path(run_dir)
-    overrides = {k: v for k, v in overrides.items() if not (k in _RESOLVED_KEYS and v is None)}
-    out = overrides.pop("out", None)
-    if out is not None and Path(out).resolve() != run_dir.resolve():
-        raise ValueError(
-            f"cannot resume into out={out!r}: the checkpoint is in {str(run_dir)!r} and a "
-            f"resumed run continues in the directory of its checkpoint"
-        )
-    stored = {**stored, "out": str(run_dir)}
-    stored_cfg = config_from_dict(stored, source="checkpoint config")
-    wanted = config_from_dict({**stored, **overrides}, source="resume overrides")
-    changed = [
-        k
-        for k in overrides
-        if k not in RESUME_MUTABLE and getattr(wanted, k) != getattr(stored_cfg, k)
-    ]
-    if changed:
-        diffs = "; ".join(
-            f"{k}: checkpoint {getattr(stored_cfg, k)!r}, given {getattr(wanted, k)!r}"
-            for k in changed
-        )
-        raise ValueError(
-            f"cannot change {', '.join(changed)} when resuming ({diffs}); a resumed run keeps "
-            f"the config of its checkpoint (only {', '.join(sorted(RESUME_MUTABLE))} may "
-            f"change). Start a new run (another --out) to train with other settings."
-        )
-    return wanted
+    return resume_config_of(SCHEMA, stored, overrides, run_dir, mutable=RESUME_MUTABLE)

@@ -64,6 +64,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's torch RNG states, for a checkpoint: ``cpu`` and, on CUDA, ``device``'s
+    (``cuda``, else ``None``)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng(state: dict[str, Any] | None, device: torch.device) -> None:
+    """Set the torch RNG states of :func:`rng_state` again (``None``: nothing to restore). On
+    CUDA, a state without ``cuda`` may hold ``cuda_all`` (every device's state, as the
+    single-process checkpoints of ``cenet train`` store it)."""
+    if state is None:
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        if state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], device)
+        elif state.get("cuda_all"):
+            torch.cuda.set_rng_state_all(state["cuda_all"])
+
+
 def build_data(cfg: TrainConfig, **changes: Any) -> tuple[Any, Any, Any]:
     """``cenet.data.build_loaders`` with the data settings of ``cfg`` (``changes`` override
     or add single keyword arguments, e.g. ``num_replicas``, ``rank``, ``pin_memory``).

@@ -21,7 +21,7 @@ from torch import nn
 
 from cenet.data.seeding import derive_seed
 from cenet.train import distributed
-from cenet.train.checkpoint import FORMAT_VERSION, CheckpointError
+from cenet.train.checkpoint import FORMAT_VERSION, CheckpointError, load_states
 from cenet.train.config import TrainConfig
 from cenet.train.metrics import MetricsLog
 from cenet.train.optim import build_optimizer
@@ -37,6 +37,7 @@ from cenet.train.runtime import (
     build_data,
     build_model,
     resolve_threads,
+    restore_rng,
     seed_everything,
     setup_torch,
     to_device,
@@ -160,13 +161,8 @@ class RunSession:
             prepare_new_run_dir(self.run_dir, overwrite=overwrite)
         write_config(self.run_dir, self.cfg)
         if not new:  # drop records written after the checkpoint (no epoch appears twice)
-            completed, finished = self.state.epoch, self._finished()
-            self.log.keep_only(
-                lambda r: (
-                    r.get("epoch", math.inf) <= completed
-                    if not r.get("partial")
-                    else finished and r.get("global_step", math.inf) <= self.state.global_step
-                )
+            self.log.truncate_to_checkpoint(
+                self.state.epoch, self.state.global_step, finished=self._finished()
             )
 
     def _log_start(self, ckpt: dict[str, Any] | None) -> None:
@@ -212,18 +208,17 @@ class RunSession:
                 f"size changed, the run cannot be resumed identically"
             )
         tm = self.tm
-        try:
-            tm.raw.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if tm.ema is not None:
-                tm.ema.load_state_dict(ckpt["model_ema"])
-            if tm.scaler is not None:
-                tm.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"checkpoint does not fit model {self.cfg.model!r}: {err}"
-            ) from None
+        load_states(
+            ckpt,
+            {
+                "model": tm.raw,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "model_ema": tm.ema,
+                "scaler": tm.scaler,
+            },
+            what=f"model {self.cfg.model!r}",
+        )
         self.state = TrainState.from_dict(ckpt.get("state", {}))
         self.state.epoch, self.state.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.state.global_step = int(ckpt["global_step"])
@@ -247,21 +242,9 @@ class RunSession:
                 self.cfg.batch_size // (old_world * old_accum), old_world * old_accum,
             )  # fmt: skip
 
-    def _rng_state(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
     def _set_rng(self) -> None:
-        rng = self.rng_to_restore
-        if rng is None:
-            return
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda":
-            if rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-            elif rng.get("cuda_all"):
-                torch.cuda.set_rng_state_all(rng["cuda_all"])
-        self.rng_to_restore = None
+        rng, self.rng_to_restore = self.rng_to_restore, None
+        restore_rng(rng, self.device)
 
     def checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict of the current state (see :mod:`cenet.train.checkpoint`), with
