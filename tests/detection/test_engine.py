@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import Subset
 
 from cenet.detection import NORM_SETTINGS, create_detector
+from cenet.detection.batches import TrainBatches
+from cenet.detection.checks import check_norm_setting
 from cenet.detection.config import (
     LR_REFERENCE_BATCH,
     RESUME_MUTABLE,
@@ -36,14 +38,8 @@ from cenet.detection.engine import (
     train_one_epoch,
     train_step,
 )
-from cenet.detection.session import (
-    DetectRun,
-    TrainBatches,
-    check_norm_setting,
-    load_detector,
-    resume_detector,
-    train_detector,
-)
+from cenet.detection.evaluate import load_detector
+from cenet.detection.session import DetectRun, resume_detector, train_detector
 from cenet.train import distributed
 from cenet.train.checkpoint import load_checkpoint
 

@@ -20,12 +20,10 @@ from cenet.cli.argtypes import non_negative_int, positive_int
 from cenet.detection.config import (
     AMP_CHOICES,
     DIST_BACKENDS,
+    SCHEMA,
     bundled_detect_configs,
     detect_config_from_dict,
-    detect_config_keys,
-    dump_detect_yaml,
     parse_detect_overrides,
-    read_detect_yaml,
     run_dir_of,
 )
 from cenet.train.distributed import env_rank
@@ -98,7 +96,7 @@ def _add_train(actions: argparse._SubParsersAction) -> None:
             "below (later wins). The run directory gets config.yaml, metrics.jsonl (one line "
             "per epoch), last.pt and, at the end, metrics.json with the box/mask APs."
         ),
-        epilog=f"Config keys for --set: {', '.join(detect_config_keys())}. "
+        epilog=f"Config keys for --set: {', '.join(SCHEMA.keys())}. "
         f"Bundled configs: {', '.join(bundled_detect_configs())}.",
     )
     p.add_argument("-c", "--config", metavar="NAME_OR_PATH",
@@ -184,7 +182,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The config values given on the command line: --config, then --set, then options."""
     values: dict[str, Any] = {}
     if args.config:
-        values.update(read_detect_yaml(args.config))
+        values.update(SCHEMA.read_yaml(args.config))
     values.update(parse_detect_overrides(args.overrides))
     keys = [key for _, key, *_ in _FLAGS] + ["skip_bad_images"]
     values.update({key: getattr(args, key) for key in keys if hasattr(args, key)})
@@ -211,7 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.print_config and args.resume is None:
-        print(dump_detect_yaml(detect_config_from_dict(given, source="--config/--set/options")),
+        print(SCHEMA.dump(detect_config_from_dict(given, source="--config/--set/options")),
               end="")  # fmt: skip
         return 0
     if args.resume is not None:
@@ -229,7 +227,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def train_summary(result: Any) -> str:
     """The report printed at the end of ``cenet detect train`` (a
-    :class:`cenet.detection.session.DetectResult`)."""
+    :class:`cenet.detection.run_state.DetectResult`)."""
     from cenet.detection.coco_eval import format_table
 
     after = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
@@ -271,7 +269,7 @@ def _strict(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float |
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``cenet detect eval``: print the APs (rank 0) and write them to JSON."""
     from cenet.detection.coco_eval import format_table
-    from cenet.detection.session import evaluate_checkpoint
+    from cenet.detection.evaluate import evaluate_checkpoint
 
     result, cfg = evaluate_checkpoint(
         args.checkpoint, args.data, split=args.split, device=args.device,

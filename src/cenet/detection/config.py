@@ -16,18 +16,15 @@ scaling rule, :func:`scaled_lr`), which the run logs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cenet.train.config import _DEVICE_RE, AMP_DTYPES, _check, _coerce
+from cenet.train.config_files import ConfigSchema, resume_config_of
 
 LR_REFERENCE_BATCH = 16
 """The global batch (images per optimizer step) that :attr:`DetectConfig.lr` is given for."""
@@ -59,9 +56,6 @@ RESUME_MUTABLE = frozenset(
 how fast and how often things happen, and ``max_steps`` (so a smoke run can be continued).
 ``backbone_checkpoint`` only initializes a new run (a resumed run loads every weight from its
 checkpoint), so it may change (or move) too. Every other key must stay as it was."""
-
-_RESOLVED_KEYS = frozenset({"num_classes", "out", "threads"})
-"""Keys a run fills in when null: a null override of them on resume means "as stored"."""
 
 
 @dataclass(frozen=True)
@@ -276,138 +270,18 @@ class DetectConfig:
 _HINTS = typing.get_type_hints(DetectConfig)
 
 
-def detect_config_keys() -> list[str]:
-    """Names of all fields of :class:`DetectConfig`, in declaration order."""
-    return [f.name for f in dataclasses.fields(DetectConfig)]
+SCHEMA: ConfigSchema[DetectConfig] = ConfigSchema(
+    DetectConfig, "cenet.detection", "detection config"
+)
+"""Key checks, bundled configs (``cenet/detection/configs/``), loading and dumping of
+:class:`DetectConfig` (:class:`cenet.train.config_files.ConfigSchema`, as the classification
+config's: ``SCHEMA.keys()``, ``SCHEMA.read_yaml(path)``, ``SCHEMA.dump(cfg)`` ...). The most
+used methods have names of their own below."""
 
-
-def check_keys(keys: Iterable[str], *, source: str) -> None:
-    """Reject keys that are not fields of :class:`DetectConfig`.
-
-    Raises:
-        ValueError: naming each unknown key with its close matches, and listing the valid keys.
-    """
-    valid = detect_config_keys()
-    unknown = [k for k in keys if k not in valid]
-    if not unknown:
-        return
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-        parts.append(f"{key!r}{hint}")
-    raise ValueError(
-        f"unknown detection config key{'s' if len(unknown) > 1 else ''} in {source}: "
-        f"{', '.join(parts)}; valid keys: {', '.join(valid)}"
-    )
-
-
-def detect_config_from_dict(
-    values: Mapping[str, Any], *, source: str = "config"
-) -> DetectConfig:
-    """A validated :class:`DetectConfig` from a mapping of (some of) its fields.
-
-    Raises:
-        ValueError: for an unknown key, a value of the wrong type or an invalid value.
-    """
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{source} must be a mapping of keys to values, got {type(values)}")
-    check_keys(values, source=source)
-    return DetectConfig(**dict(values))
-
-
-def bundled_detect_configs() -> list[str]:
-    """Names of the configs shipped in ``cenet/detection/configs/`` (without ``.yaml``)."""
-    folder = resources.files("cenet.detection") / "configs"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def resolve_detect_config(name_or_path: str | os.PathLike[str]) -> Path:
-    """The YAML file meant by ``name_or_path``: an existing file, or a bundled config name
-    (with or without ``.yaml``).
-
-    Raises:
-        FileNotFoundError: when it is neither, listing the bundled names.
-    """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    name = str(name_or_path)
-    if path.name == name:
-        stem = name.removesuffix(".yaml")
-        bundled = resources.files("cenet.detection") / "configs" / f"{stem}.yaml"
-        if bundled.is_file():
-            return Path(str(bundled))
-    raise FileNotFoundError(
-        f"detection config {name!r} is neither a file nor a bundled config; bundled configs: "
-        f"{', '.join(bundled_detect_configs())}"
-    )
-
-
-def read_detect_yaml(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The key/value mapping of a detection config file or bundled name (keys checked, not
-    values).
-
-    Raises:
-        FileNotFoundError: see :func:`resolve_detect_config`.
-        ValueError: when the file is not a YAML mapping or has an unknown key.
-    """
-    path = resolve_detect_config(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(values)}")
-    check_keys(values, source=str(path))
-    return values
-
-
-def parse_detect_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings (``--set``); values are read as YAML (``lr=0.01``,
-    ``milestones=[8,11]``, ``amp=null``, ``detector_kwargs={box_detections_per_img: 50}``).
-
-    Raises:
-        ValueError: for an item without ``=``, an unknown key or a value that is not YAML.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"value of override {item!r} is not valid YAML: {err}") from None
-    check_keys(out, source="--set")
-    return out
-
-
-def load_detect_config(
-    name_or_path: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> DetectConfig:
-    """Defaults, then the YAML config (file path or bundled name), then ``overrides``.
-
-    Raises:
-        FileNotFoundError: for a config that is neither a file nor a bundled name.
-        ValueError: for unknown keys or invalid values.
-    """
-    values: dict[str, Any] = {}
-    source = "overrides"
-    if name_or_path is not None:
-        values.update(read_detect_yaml(name_or_path))
-        source = f"{name_or_path} + overrides"
-    values.update(overrides or {})
-    return detect_config_from_dict(values, source=source)
-
-
-def dump_detect_yaml(cfg: DetectConfig) -> str:
-    """The config as YAML text, keys in declaration order."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+detect_config_from_dict = SCHEMA.from_dict
+bundled_detect_configs = SCHEMA.bundled
+parse_detect_overrides = SCHEMA.parse_overrides
+load_detect_config = SCHEMA.load
 
 
 def run_dir_of(cfg: DetectConfig) -> Path:
@@ -432,30 +306,4 @@ def resume_detect_config(
             schedule, batch ... are the checkpoint's: start a new run to change them), names
             another ``out`` than ``run_dir``, or is invalid.
     """
-    run_dir = Path(run_dir)
-    overrides = {k: v for k, v in overrides.items() if not (k in _RESOLVED_KEYS and v is None)}
-    out = overrides.pop("out", None)
-    if out is not None and Path(out).resolve() != run_dir.resolve():
-        raise ValueError(
-            f"cannot resume into out={out!r}: the checkpoint is in {str(run_dir)!r} and a "
-            f"resumed run continues in the directory of its checkpoint"
-        )
-    stored = {**stored, "out": str(run_dir)}
-    stored_cfg = detect_config_from_dict(stored, source="checkpoint config")
-    wanted = detect_config_from_dict({**stored, **overrides}, source="resume overrides")
-    changed = [
-        k
-        for k in overrides
-        if k not in RESUME_MUTABLE and getattr(wanted, k) != getattr(stored_cfg, k)
-    ]
-    if changed:
-        diffs = "; ".join(
-            f"{k}: checkpoint {getattr(stored_cfg, k)!r}, given {getattr(wanted, k)!r}"
-            for k in changed
-        )
-        raise ValueError(
-            f"cannot change {', '.join(changed)} when resuming ({diffs}); a resumed run keeps "
-            f"the config of its checkpoint (only {', '.join(sorted(RESUME_MUTABLE))} may "
-            f"change). Start a new run (another --out) to train with other settings."
-        )
-    return wanted
+    return resume_config_of(SCHEMA, stored, overrides, run_dir, mutable=RESUME_MUTABLE)

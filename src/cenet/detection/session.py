@@ -1,5 +1,6 @@
-"""A detection training run: :func:`train_detector` (new run), :func:`resume_detector` (continue
-one from its ``last.pt``) and :func:`evaluate_checkpoint` (COCO APs of a saved model).
+"""A detection training run: :func:`train_detector` (new run) and :func:`resume_detector`
+(continue one from its ``last.pt``), both through :class:`DetectRun`; the COCO APs of a saved
+model are :func:`cenet.detection.evaluate.evaluate_checkpoint`.
 
 A run directory holds ``config.yaml`` (the resolved :class:`~cenet.detection.config.
 DetectConfig`), ``metrics.jsonl`` (one JSON line per epoch: learning rate, mean training losses,
@@ -30,21 +31,25 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler
 
-from cenet.data.seeding import derive_seed, make_generator
-from cenet.data.sharding import EpochKeys, StridedSampler
+from cenet.data.seeding import derive_seed
+from cenet.detection.batches import TrainBatches, eval_batches
+from cenet.detection.checks import (
+    build_detector,
+    check_data,
+    check_detector_name,
+    check_norm_setting,
+    is_mask_detector,
+)
 from cenet.detection.config import (
     DetectConfig,
     detect_config_from_dict,
-    dump_detect_yaml,
     resume_detect_config,
     run_dir_of,
     scaled_lr,
@@ -57,340 +62,29 @@ from cenet.detection.engine import (
     iou_types_of,
     train_one_epoch,
 )
+from cenet.detection.run_state import (
+    CHECKPOINT_KIND,
+    FINAL_METRICS,
+    DetectResult,
+    DetectState,
+    LossProgress,
+)
 from cenet.train import distributed
 from cenet.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_save,
     load_checkpoint,
+    load_states,
     peek_config,
     remove_stale_temp_files,
 )
 from cenet.train.metrics import MetricsLog
-from cenet.train.progress import EpochProgress
-from cenet.train.rundir import check_new_run_dir, prepare_new_run_dir
-from cenet.train.runtime import resolve_threads, seed_everything
+from cenet.train.rundir import check_new_run_dir, prepare_new_run_dir, write_config
+from cenet.train.runtime import resolve_threads, restore_rng, rng_state, seed_everything
 from cenet.train.session import check_session
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_KIND = "detection"
-"""Value of the ``"kind"`` key that marks a checkpoint of ``cenet detect train``."""
-
-FINAL_METRICS = "metrics.json"
-"""File of the final box/mask APs in the run directory."""
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class EpochSeeded(Dataset):
-    """A data set read with ``(index, epoch)`` keys (:class:`cenet.data.sharding.EpochKeys`)
-    whose random transforms draw from a torch RNG seeded with ``(seed, epoch, index)`` for
-    each item, so an image's augmentation does not depend on the loader's workers, on the
-    items read before it or on a resume.
-
-    Args:
-        dataset: a map-style data set (e.g. :func:`cenet.detection.data.load_coco`).
-        seed: the run's seed.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.skip_bad_images = bool(getattr(dataset, "skip_bad_images", False))
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, index, "augment"))
-            return self.dataset[index]
-
-
-class TrainBatches:
-    """The training batches of one process: epoch ``e``'s order is a ``DistributedSampler``
-    permutation seeded with ``(seed, e)`` (rank ``r`` of ``W`` loads positions ``r, r + W,
-    ...``), cut into batches of ``batch_size``; :meth:`set_epoch` with ``start_batch=k``
-    makes the next pass yield batches ``k, k+1, ...`` of the epoch without reading the
-    images of the batches before.
-
-    Args:
-        dataset: the training set (items ``(image, target)``).
-        batch_size: images per batch of this process.
-        workers: DataLoader worker processes.
-        seed: the run's seed.
-        num_replicas, rank: the processes and this one.
-        pin_memory: the DataLoader's ``pin_memory``.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        workers: int,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        from cenet.detection.data import DetectionLoader
-
-        self.batch_size = batch_size
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-            seed=derive_seed(seed, "order"), drop_last=False,
-        )  # fmt: skip
-        self.keys = EpochKeys(self.sampler)
-        self.loader = DetectionLoader(
-            EpochSeeded(dataset, seed),
-            distributed=num_replicas > 1,
-            batch_size=batch_size,
-            sampler=self.keys,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=pin_memory,
-            generator=make_generator(seed, "workers"),
-        )
-
-    def __len__(self) -> int:
-        """Batches of a full epoch."""
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    @property
-    def bad_images(self) -> list[str]:
-        """Unreadable images skipped in the current pass."""
-        return self.loader.bad_images
-
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Select epoch ``epoch`` (from 0) and its first batch for the next pass.
-
-        Raises:
-            ValueError: if ``start_batch`` is not in ``0..len(self)``.
-        """
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
-        self.sampler.set_epoch(epoch)
-        self.keys.epoch = epoch
-        self.keys.start = start_batch * self.batch_size
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def eval_batches(
-    dataset: Dataset, *, batch_size: int, workers: int, num_replicas: int = 1, rank: int = 0
-):
-    """The evaluation batches of one process: images ``rank::num_replicas`` of ``dataset`` in
-    order (uneven shards: every image is evaluated once over the processes)."""
-    from cenet.detection.data import DetectionLoader
-
-    return DetectionLoader(
-        dataset,
-        distributed=False,  # no collective per batch in evaluation: skipping is safe
-        batch_size=batch_size,
-        sampler=StridedSampler(len(dataset), num_replicas, rank),  # type: ignore[arg-type]
-        num_workers=workers,
-    )
-
-
-def is_mask_detector(name: str) -> bool:
-    """True for a Mask R-CNN name (its data needs instance masks)."""
-    return name.startswith("maskrcnn")
-
-
-def check_detector_name(name: str) -> None:
-    """Raise the builders' ``ValueError`` (with close matches) for an unknown detector name,
-    without building anything."""
-    from cenet.detection import create_detector, list_detectors
-
-    if name not in list_detectors():
-        create_detector(name)  # raises the ValueError naming the close matches
-
-
-def build_detector(
-    cfg: DetectConfig, num_classes: int, *, backbone_checkpoint: str | None
-) -> nn.Module:
-    """``create_detector`` with the model settings of ``cfg``.
-
-    Raises:
-        ValueError: for an unknown name, invalid settings, a backbone checkpoint that does
-            not fit, or ``detector_kwargs`` torchvision's detector does not take.
-        FileNotFoundError: for a backbone checkpoint that does not exist.
-    """
-    from cenet.detection import create_detector
-
-    try:
-        return create_detector(
-            cfg.model,
-            num_classes=num_classes,
-            norm=cfg.norm,
-            backbone_checkpoint=backbone_checkpoint,
-            trainable_backbone_layers=cfg.trainable_backbone_layers,
-            min_size=cfg.min_size,
-            max_size=cfg.max_size,
-            **cfg.detector_kwargs,
-        )
-    except TypeError as err:
-        raise ValueError(
-            f"detector {cfg.model!r} rejected detector_kwargs={cfg.detector_kwargs!r}: {err}"
-        ) from None
-
-
-def check_norm_setting(cfg: DetectConfig, world_size: int, device: torch.device) -> None:
-    """Refuse ``norm="sync"`` with several processes off CUDA: torch's ``SyncBatchNorm``
-    runs only on GPU modules (``DistributedDataParallel`` refuses a CPU module holding one),
-    as ``cenet train --sync-bn`` says (:func:`cenet.train.parallel.check_sync_settings`).
-
-    Raises:
-        ValueError: naming the settings that work.
-    """
-    if cfg.norm == "sync" and world_size > 1 and device.type != "cuda":
-        raise ValueError(
-            f"norm='sync' with {world_size} processes needs CUDA: the detector then holds "
-            f"torch.nn.SyncBatchNorm layers, which run only on GPU modules, and this run is on "
-            f"{device}. Use norm=frozen (--norm frozen) on the CPU, or one process (norm=sync "
-            f"then trains BN and CE as plain layers)"
-        )
-
-
-def check_data(cfg: DetectConfig) -> Path:
-    """The data root of ``cfg``.
-
-    Raises:
-        ValueError: if ``data`` is not set.
-        FileNotFoundError: if it does not exist or is not a folder.
-    """
-    if not cfg.data:
-        raise ValueError("no data: pass --data COCO_ROOT (a folder with annotations/, "
-                         "train2017/ and val2017/) or set data in the config")
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"data folder {root} does not exist (or is not a folder); expected a COCO 2017 "
-            f"root with annotations/instances_train2017.json, train2017/ and val2017/"
-        )
-    return root
-
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclass
-class DetectState:
-    """Position in training and running sums, saved under ``"state"`` in every checkpoint.
-
-    Attributes:
-        epoch: epochs completed (the 0-based index of the epoch in progress).
-        step: iterations of the epoch in progress done (0 at an epoch boundary).
-        global_step: iterations done in total.
-        epoch_loss_sums: per loss name, the sum over the epoch's iterations of the loss
-            (each the mean over the processes).
-        epoch_iters: iterations summed in ``epoch_loss_sums``.
-        epoch_images: training images of the epoch so far (all processes).
-        epoch_bad_images: unreadable training images skipped in the epoch (all processes).
-        epoch_train_s: seconds of training of the epoch.
-        epoch_lr: learning rate of the epoch's first iteration.
-        train_s: seconds of training of the finished epochs.
-        eval_s: seconds of evaluation of the run.
-        images: training images of the finished epochs.
-        elapsed_s: wall time of the run's sessions up to the checkpoint.
-        metrics: the latest evaluation (``{"bbox": {...}, "segm": {...}}``), ``None`` before.
-        metrics_epoch: epoch (from 1) of ``metrics``.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
-    epoch_loss_sums: dict[str, float] = field(default_factory=dict)
-    epoch_iters: int = 0
-    epoch_images: int = 0
-    epoch_bad_images: int = 0
-    epoch_train_s: float = 0.0
-    epoch_lr: float = math.nan
-    train_s: float = 0.0
-    eval_s: float = 0.0
-    images: int = 0
-    elapsed_s: float = 0.0
-    metrics: dict[str, dict[str, float]] | None = None
-    metrics_epoch: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain data."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectState:
-        """The state saved by :meth:`to_dict` (unknown keys ignored)."""
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class DetectResult:
-    """Summary of a finished (or ``max_steps``-stopped) run, the same on every process.
-
-    Attributes:
-        run_dir: the run directory.
-        epochs: epochs completed.
-        global_step: iterations done.
-        metrics: the final evaluation ``{"bbox": {...}, "segm": {...}}`` (fractions).
-        records: the lines of ``metrics.jsonl``.
-        wall_time_s: time of training and evaluation over all sessions.
-        train_time_s: time of the training iterations.
-        images_per_s: training images per second (all processes).
-        lr: the learning rate used (after linear scaling).
-        stopped_at_max_steps: training ended at ``max_steps`` before the last epoch.
-    """
-
-    run_dir: Path
-    epochs: int
-    global_step: int
-    metrics: dict[str, dict[str, float]]
-    records: list[dict[str, Any]] = field(repr=False)
-    wall_time_s: float
-    train_time_s: float
-    images_per_s: float
-    lr: float
-    stopped_at_max_steps: bool
-
-
-class LossProgress(EpochProgress):
-    """:class:`cenet.train.progress.EpochProgress` reporting detection losses."""
-
-    def report_losses(self, step: int, *, losses: dict[str, float], images_per_s: float) -> None:
-        """Show the epoch's mean losses after iteration ``step`` (1-based) of the epoch.
-
-        Args:
-            step: iterations of the epoch done.
-            losses: mean of each loss over the epoch so far (``"loss"``: their sum).
-            images_per_s: training images per second, all processes together.
-        """
-        if not self.enabled:
-            return
-        total = losses.get("loss", math.nan)
-        if not self.lines:
-            self.bar.set_postfix(loss=f"{total:.3f}", ips=f"{images_per_s:.1f}", refresh=False)
-            return
-        parts = " ".join(
-            f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if k != "loss"
-        )
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.start_time
-        left = (self.total - step) * elapsed / done if done > 0 else math.nan
-        eta = _interval(left)
-        logger.info(
-            "epoch %d/%d it %d/%d | loss %.4f (%s) | %.1f img/s | ETA %s",
-            self.epoch, self.epochs, step, self.total, total, parts, images_per_s, eta,
-        )  # fmt: skip
-
-
-def _interval(seconds: float) -> str:
-    from tqdm import tqdm
-
-    return tqdm.format_interval(seconds) if math.isfinite(seconds) else "?"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -498,18 +192,10 @@ class DetectRun:
         if new:
             prepare_new_run_dir(self.run_dir, overwrite=overwrite)
             (self.run_dir / FINAL_METRICS).unlink(missing_ok=True)
-        path = self.run_dir / "config.yaml"
-        tmp = path.with_name(".config.yaml.tmp")
-        tmp.write_text(dump_detect_yaml(self.cfg), encoding="utf-8")
-        os.replace(tmp, path)
+        write_config(self.run_dir, self.cfg)
         if not new:  # drop records written after the checkpoint (no epoch appears twice)
-            done, finished = self.state.epoch, self._finished()
-            self.log.keep_only(
-                lambda r: (
-                    r.get("epoch", math.inf) <= done
-                    if not r.get("partial")
-                    else finished and r.get("global_step", math.inf) <= self.state.global_step
-                )
+            self.log.truncate_to_checkpoint(
+                self.state.epoch, self.state.global_step, finished=self._finished()
             )
 
     def _log_start(self, ckpt: dict[str, Any] | None) -> None:
@@ -555,16 +241,16 @@ class DetectRun:
                 f"epoch, the data now gives {self.iters_per_epoch}: the training images or the "
                 f"batch size changed, the run cannot be resumed identically"
             )
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self.scaler is not None:
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"checkpoint does not fit detector {self.cfg.model!r}: {err}"
-            ) from None
+        load_states(
+            ckpt,
+            {
+                "model": self.model,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+            },
+            what=f"detector {self.cfg.model!r}",
+        )
         self.state = DetectState.from_dict(ckpt.get("state", {}))
         self.state.epoch, self.state.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.state.global_step = int(ckpt["global_step"])
@@ -573,17 +259,9 @@ class DetectRun:
         if states is not None and len(states) == self.ctx.world_size:
             self.rng_to_restore = dict(states[self.ctx.rank])
 
-    def _rng_state(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
     def _set_rng(self) -> None:
         rng, self.rng_to_restore = self.rng_to_restore, None
-        if rng is None:
-            return
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(rng, self.device)
 
     def checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict of the current state: the keys of
@@ -618,7 +296,7 @@ class DetectRun:
 
     def _save(self) -> None:
         """Write ``last.pt`` (rank 0; every rank must call this: it gathers the RNG states)."""
-        rng_states = distributed.all_gather_objects(self._rng_state())
+        rng_states = distributed.all_gather_objects(rng_state(self.device))
         if self.ctx.is_main:
             atomic_save(self.checkpoint(rng_states), self.run_dir / "last.pt")
 
@@ -941,88 +619,3 @@ def _session(device: str, backend: str | None, open_run, *, overwrite: bool,
         del ckpt
         run.run()
         return distributed.run_on_main(run.result)
-
-
-def load_detector(
-    checkpoint: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, DetectConfig, dict[str, Any]]:
-    """The detector of a ``cenet detect train`` checkpoint, in eval mode on ``device``.
-
-    Args:
-        checkpoint: a ``.pt`` file or a run directory (its ``last.pt``).
-        device: where the model goes.
-
-    Returns:
-        ``(model, config, checkpoint dict)``.
-
-    Raises:
-        FileNotFoundError: if there is no such checkpoint.
-        CheckpointError: if it is not a detection checkpoint or does not fit its detector.
-    """
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(
-            f"{checkpoint} is not a checkpoint of 'cenet detect train' (a classification "
-            f"checkpoint? evaluate it with 'cenet eval')"
-        )
-    cfg = detect_config_from_dict(ckpt["config"], source=f"config of {checkpoint}")
-    model = build_detector(cfg, int(ckpt["num_classes"]), backbone_checkpoint=None)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint} does not fit detector {cfg.model!r}: {err}") from None
-    return model.to(device).eval(), cfg, ckpt
-
-
-def evaluate_checkpoint(
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str],
-    *,
-    split: str = "val2017",
-    device: str = "cpu",
-    batch_size: int | None = None,
-    workers: int = 0,
-    threads: int | None = None,
-    skip_bad_images: bool = False,
-    progress: bool = False,
-) -> tuple[DetectionEval, DetectConfig]:
-    """COCO box (and mask) APs of a saved detector on ``split`` of the COCO root ``data``.
-
-    Under ``torchrun`` the images are split over the processes and the results gathered.
-
-    Args:
-        checkpoint: a ``.pt`` file or run directory.
-        data: a COCO 2017 root.
-        split: the split to evaluate (``annotations/instances_{split}.json``, ``{split}/``).
-        device: ``"cpu"`` or ``"cuda[:N]"`` (``cuda:LOCAL_RANK`` under torchrun).
-        batch_size: images per batch; ``None`` = the run's ``batch_size``.
-        workers: DataLoader worker processes.
-        threads: torch threads; ``None`` = the cores divided among the node's processes.
-        skip_bad_images: skip (and count) unreadable images instead of stopping.
-        progress: a tqdm bar over the batches.
-
-    Returns:
-        ``(evaluation, the run's config)``.
-
-    Raises:
-        FileNotFoundError: for a missing checkpoint or data (naming the path).
-        CheckpointError: see :func:`load_detector`.
-        ValueError: for category ids the model cannot hold, or no image evaluated.
-    """
-    from cenet.detection.data import load_coco
-
-    with distributed.session(device) as ctx:
-        torch.set_num_threads(resolve_threads(threads, ctx.local_world_size))
-        root = Path(data)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data folder {root} does not exist (or is not a folder); "
-                                    f"expected a COCO 2017 root with annotations/ and {split}/")
-        with distributed.agree("loading the detector"):
-            model, cfg, _ = load_detector(checkpoint, device=ctx.device)
-            dataset = load_coco(root, split, train=False, num_classes=cfg.num_classes,
-                                with_masks=is_mask_detector(cfg.model),
-                                skip_bad_images=skip_bad_images)  # fmt: skip
-        loader = eval_batches(dataset, batch_size=batch_size or cfg.batch_size, workers=workers,
-                              num_replicas=ctx.world_size, rank=ctx.rank)  # fmt: skip
-        result = evaluate(model, loader, dataset.coco, device=ctx.device, progress=progress)
-        return result, cfg
