@@ -104,7 +104,7 @@ def test_bundled_configs_hold_the_papers_schedule() -> None:
 
 
 def test_config_rejects_bad_values_with_clear_messages() -> None:
-    assert tuple(NORM_SETTINGS) == ("frozen", "sync")
+    assert tuple(NORM_SETTINGS) == ("frozen", "sync", "train")
     with pytest.raises(ValueError, match=r"unknown .*key.*'lrr' \(did you mean 'lr'"):
         load_detect_config(None, {"lrr": 0.1})
     with pytest.raises(ValueError, match=r"invalid norm='batch': must be one of \('frozen', 'sy"):
