@@ -24,33 +24,22 @@ import torch
 
 import cenet
 from cenet.deploy import fuse
-from cenet.deploy.export import example_input, export_onnx, export_program, parity
+from cenet.deploy.export import (
+    example_input,
+    export_onnx,
+    export_program,
+    parity,
+    randomize_eval_state,
+)
 
 PT2_TOL, FUSED_TOL = 1e-5, 1e-4
 BATCHES = (1, 3)
 
 
 def perturbed(name: str) -> torch.nn.Module:
-    """The network in eval with its 1-D parameters (norm affines, CE's θ, GCT's α, γ, β) and
-    running buffers moved off their initial values, so no folded map is an identity and no
-    gate exactly 1. (Training forwards would do it too, but whitening on the few positions of
-    a deep layer at 32x32 gives near-singular estimates that overflow the eval output of
-    resnet101_dbn.)"""
-    torch.manual_seed(0)
-    model = cenet.create_model(name).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() <= 1:
-                p.add_(0.1 * torch.randn_like(p))
-        for key, b in model.named_buffers():
-            leaf = key.rsplit(".", 1)[-1]
-            if leaf == "running_mean":
-                b.add_(0.1 * torch.randn_like(b))
-            elif leaf in ("running_var", "running_inv_std"):
-                b.mul_(torch.empty_like(b).uniform_(0.5, 1.5))
-            elif leaf == "running_wm":
-                b.add_(0.05 * torch.randn_like(b))
-    return model
+    """The network in eval with its parameters and buffers off their initial values."""
+    torch.manual_seed(0)  # the weights too: the same network every run
+    return randomize_eval_state(cenet.create_model(name))
 
 
 def worst(model: torch.nn.Module, artifact, image_size: int) -> float:

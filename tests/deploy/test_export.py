@@ -56,25 +56,9 @@ _KEPT: dict[str, tuple] = {}  # the ONNX subset's models and fused programs, bui
 
 
 def _perturbed(name: str) -> nn.Module:
-    """The network in eval with its 1-D parameters and running buffers moved off their
-    initial values (no folded map is an identity, no gate exactly 1), deterministically.
-    (Training forwards would do it too, but whitening on the few positions of a deep layer at
-    32x32 gives near-singular estimates that overflow the eval output of the deep DBN nets.)"""
-    torch.manual_seed(0)
-    model = cenet.create_model(name, num_classes=10).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() <= 1:
-                p.add_(0.1 * torch.randn_like(p))
-        for key, b in model.named_buffers():
-            leaf = key.rsplit(".", 1)[-1]
-            if leaf == "running_mean":
-                b.add_(0.1 * torch.randn_like(b))
-            elif leaf in ("running_var", "running_inv_std"):
-                b.mul_(torch.empty_like(b).uniform_(0.5, 1.5))
-            elif leaf == "running_wm":
-                b.add_(0.05 * torch.randn_like(b))
-    return model
+    """The network in eval with its parameters and buffers off their initial values."""
+    torch.manual_seed(0)  # the weights too: the same network every run
+    return ex.randomize_eval_state(cenet.create_model(name, num_classes=10))
 
 
 def _prepared(name: str) -> tuple[nn.Module, nn.Module, torch.export.ExportedProgram]:

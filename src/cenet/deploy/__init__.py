@@ -7,6 +7,7 @@ from cenet.deploy.export import (
     load_program,
     onnx_session,
     parity,
+    randomize_eval_state,
     save_program,
 )
 from cenet.deploy.fused_model import Folded, FusedModel, affine_map, fuse
@@ -20,5 +21,6 @@ __all__ = [
     "BenchConfig", "run_bench",
     "Folded", "FusedModel", "affine_map", "fuse", "fuse_conv_affine_weights",
     "fuse_conv_bd_weights", "whitening_affine",
-    "export_onnx", "export_program", "load_program", "onnx_session", "parity", "save_program",
+    "export_onnx", "export_program", "load_program", "onnx_session", "parity",
+    "randomize_eval_state", "save_program",
 ]

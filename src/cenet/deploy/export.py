@@ -475,3 +475,31 @@ def parity(reference_model: nn.Module, artifact: Any, x: Tensor) -> float:
     if math.isnan(diff):
         return math.inf
     return diff / scale if scale > 0 else diff
+
+
+def randomize_eval_state(model: nn.Module, *, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Move ``model``'s 1-D parameters (norm affines, CE's θ, GCT's α, γ, β) and running
+    buffers (means, variances, IR scales, whitening matrices) off their initial values, in
+    place and deterministically, and put it in eval mode: a parity check of a fused or
+    exported copy of an untrained network then meets no identity map and no gate of exactly 1.
+    (Training forwards would do it too, but whitening on the few positions of a deep layer at
+    32×32 gives near-singular estimates that overflow the eval output of the deep DBN nets.)
+
+    Returns:
+        ``model``.
+    """
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1:
+                p.add_(scale * torch.randn_like(p))
+        for key, b in model.named_buffers():
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf == "running_mean":
+                b.add_(scale * torch.randn_like(b))
+            elif leaf in ("running_var", "running_inv_std"):
+                b.mul_(torch.empty_like(b).uniform_(0.5, 1.5))
+            elif leaf == "running_wm":
+                b.add_(scale / 2 * torch.randn_like(b))
+    return model
