@@ -154,11 +154,10 @@ def set_norm_setting(body: nn.Module, norm: str) -> nn.Module:
     body = convert_sync_ce(nn.SyncBatchNorm.convert_sync_batchnorm(body))
     for m in body.modules():
         if isinstance(m, ChannelEquilibrium):
-            frozen = [p for p in (m.ir.parameters() if m.ir is not None else ())]
+            if m.ir is not None:
+                m.ir.requires_grad_(False)
             if m.mode == "ce":
-                frozen.append(m.theta)
-            for p in frozen:
-                p.requires_grad_(False)
+                m.theta.requires_grad_(False)
     return body
 
 
@@ -166,9 +165,11 @@ def _freeze_stages(body: ResNet, trainable_layers: int) -> None:
     """``requires_grad=False`` outside the last ``trainable_layers`` stages (0-5), in
     torchvision's order (layer4, layer3, layer2, layer1, the stem conv; with 5 the whole stem,
     its norm and CE included)."""
+    if trainable_layers == 5:
+        return
     trainable = _TRAINABLE_ORDER[:trainable_layers]
     for name, param in body.named_parameters():
-        if trainable_layers < 5 and not name.startswith(trainable):
+        if not name.startswith(trainable):
             param.requires_grad_(False)
 
 

@@ -190,6 +190,8 @@ class CocoDetectionSet(Dataset):
 
     @property
     def num_classes_needed(self) -> int:
+        """The smallest ``num_classes`` whose box predictor holds every category id of the
+        annotation file (labels are category ids, background 0): max id + 1."""
         ids = [a["category_id"] for a in self.coco.dataset.get("annotations", [])]
         return max([0, *ids, *self.category_names]) + 1
 
